@@ -1,0 +1,72 @@
+"""Command line: `python -m lablib <command>`; `python -m lablib --help` lists the commands.
+
+Commands import what they need when they run, so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lablib import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lablib",
+        description="The Parameter-Efficiency Lab's command line.",
+    )
+    parser.add_argument("--version", action="version", version=f"lablib {__version__}")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    doctor = commands.add_parser(
+        "doctor",
+        help="check the lab environment (versions, JupyterLab extensions, Triton interpreter, data); exit 0 if ready",
+        description="Check the lab environment: package versions, the JupyterLab extensions the server sees, a "
+        "Triton kernel under TRITON_INTERPRET=1, and the offline data sets. Prints one line per check with the fix "
+        "for each failure; exits 0 only if every check passed.",
+    )
+    doctor.add_argument(
+        "--quick",
+        action="store_true",
+        help="skip the checks that start a subprocess (JupyterLab extensions, Triton kernel)",
+    )
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a heavy, recorded experiment and write its results into lablib/experiments/results/",
+        description="Run one of the recorded sweeps the labs check their live runs against, and write it (with "
+        "its configuration, date and machine) to lablib/experiments/results/NAME.json.",
+    )
+    sweep.add_argument("name", choices=sorted(SWEEPS), help="which sweep")
+    sweep.add_argument("--out", default=None, help="write here instead of the package's results folder")
+    return parser
+
+
+# name -> (module, function): each function takes (path | None, *, progress) and returns the written path
+SWEEPS = {"intrinsic-dimension": ("lablib.experiments.foundations", "record_intrinsic_dimension")}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # an unknown command exits 2 with the usage
+    if args.command is None:
+        parser.error("a command is required; `python -m lablib --help` lists them (e.g. doctor)")
+    if args.command == "doctor":
+        from lablib.doctor import DEFAULT_CHECKS, QUICK_CHECKS, run_doctor
+
+        return run_doctor(checks=QUICK_CHECKS if args.quick else DEFAULT_CHECKS)
+    if args.command == "sweep":
+        import importlib
+        from pathlib import Path
+
+        module, function = SWEEPS[args.name]
+        record = getattr(importlib.import_module(module), function)
+        path = record(Path(args.out) if args.out else None, progress=True)
+        print(f"wrote {path}")
+        return 0
+    parser.error(f"unknown command {args.command!r}")  # unreachable: argparse rejects unknown choices
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
