@@ -12,7 +12,7 @@ LABS   := $(sort $(wildcard labs/[0-9][0-9]_*.py))
 # JupyterLab refuses to start as root without --allow-root; pass it only then.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test unit nbval notebooks check-pairs doctor bench clean-venv help
+.PHONY: lab test unit nbval notebooks doctor bench binder-check clean-venv help
 
 help:
 	@echo "make lab        set up .venv and start JupyterLab on labs/"
@@ -20,6 +20,7 @@ help:
 	@echo "make notebooks  re-execute every labs/NN_*.py into its paired .ipynb (commit the result)"
 	@echo "make doctor     check the environment (versions, JupyterLab extensions, Triton, data)"
 	@echo "make bench      run bench/ scripts (seconds per lab, ratios)"
+	@echo "make binder-check  build a fresh venv the way Binder does and run every lab in it"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +66,17 @@ doctor: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/labs_runtime.py
+
+# What Binder does: a fresh venv from binder/requirements.txt alone, then binder/postBuild, then every lab
+# executed headless (nbval). Slow (a full install, ~2 min); run it when the lock or postBuild changes.
+BINDER_VENV ?= /tmp/lablib-binder-venv
+binder-check:
+	rm -rf $(BINDER_VENV)
+	$(PYTHON) -m venv $(BINDER_VENV)
+	$(BINDER_VENV)/bin/python -m pip install --disable-pip-version-check -q -r binder/requirements.txt
+	PATH=$(abspath $(BINDER_VENV))/bin:$$PATH bash binder/postBuild
+	LABLIB_STATIC=1 LABLIB_PROGRESS=0 $(BINDER_VENV)/bin/python -m pytest labs --nbval-lax --nbval-current-env \
+		--nbval-cell-timeout=600
 
 clean-venv:
 	rm -rf $(VENV)
