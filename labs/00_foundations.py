@@ -150,7 +150,7 @@ assert torch.equal(sub(digits.x_val[:5]), mlp(digits.x_val[:5])), "θ_d = 0 must
 # ### 3.3 The intrinsic-dimension sweep
 #
 # For MLPs with two hidden layers of width 16, 64 and 256 (about 1.5 k to 85 k parameters) on sklearn's digits, we
-# train the full network, then subspace models for d from 10 to 600, and record `d_int90`: the first d whose
+# train the full network (1000 steps), then subspace models (300 steps each) for d from 10 to 600, and record `d_int90`: the first d whose
 # validation accuracy reaches 90 % of full training. The live run uses seed 0; a recorded sweep
 # (`python -m lablib sweep intrinsic-dimension`: 6 widths × 3 seeds) is checked against it below.
 
@@ -204,9 +204,21 @@ for label, result in (("recorded, 3 seeds", recorded), ("live, seed 0", sweep)):
     v = fx.intrinsic_dimension_verdict(result)
     medians = ", ".join(f"w={w}: {m:g}" for w, m in v.numbers["median_d_int90"].items())
     print(f"{label}: {v.verdict}: {v.reason}\n  median d_int90 by width: {medians}")
+# the ordering this lab found, asserted so a change in the code or the environment cannot slip by unnoticed
+assert fx.intrinsic_dimension_verdict(recorded).verdict == "holds"
 
 # %% [markdown]
-# VERDICT_PROSE
+# **What we found.** At this scale the claim **holds**: across MLPs whose parameter counts differ 125-fold, the median
+# d_int90 stays within a factor of two (the numbers above), and the live seed-0 run agrees. Width 8 is the noisiest
+# (its three seeds spread the most), as a model barely large enough to solve the task should be.
+#
+# Where the toy differs from the paper, and what to keep in mind:
+# * The paper trains to convergence; we give every subspace run the same fixed budget (300 steps), and the full
+#   baselines 1000 steps. Longer subspace training would lower every d_int90, not only some.
+# * Our grid is coarse (steps of 50 to 100 around the crossing), so a 1.5x ratio is one or two grid points.
+# * d_int90 is measured against each width's own baseline; wider models have slightly higher baselines, which raises
+#   their bar a little.
+# * 8x8 digits is a much smaller problem than MNIST, so absolute d_int90 values are not comparable with the paper's.
 #
 # ## Summary
 # * `lablib.ledger` counts total, active-per-token and stored parameters and FLOPs per token; for the tiny

@@ -51,13 +51,21 @@ def test_verdict_does_not_hold_when_d_int90_grows_with_size():
     "curves, kwargs, reason",
     [
         ({4: {10: 0.5, 100: 0.7}, 64: {10: 0.9}}, {}, "never reach"),
-        ({4: {10: 0.7}, 64: {10: 0.7}}, {"baseline": 0.5}, "undertrained"),
+        ({4: {10: 0.7}, 64: {10: 0.7}}, {"baseline": 0.5}, "fewer than two widths"),
         ({4: {10: 0.9}, 5: {10: 0.9}}, {"sizes": {4: 100, 5: 150}}, "span only"),
     ],
 )
 def test_verdict_is_inconclusive_when_the_numbers_cannot_decide(curves, kwargs, reason):
     v = fx.intrinsic_dimension_verdict(make_result(curves, **kwargs))
     assert v.verdict == "inconclusive" and reason in v.reason
+
+
+def test_verdict_sets_aside_widths_too_small_to_solve_the_task():
+    result = make_result({2: {10: 0.6}, 4: {10: 0.5, 100: 0.9}, 64: {10: 0.5, 100: 0.9}})
+    result.baseline_acc["2"]["0"] = 0.6
+    v = fx.intrinsic_dimension_verdict(result)
+    assert v.verdict == "holds" and v.numbers["set_aside"] == [2] and "set aside widths [2]" in v.reason
+    assert 2 not in v.numbers["median_d_int90"]
 
 
 def test_compare_with_recorded_flags_differences_and_accepts_neighbours():
@@ -83,7 +91,7 @@ def test_fraction_of_baseline_averages_seeds():
 
 def test_tiny_sweep_runs_is_deterministic_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("LABLIB_CACHE", str(tmp_path))
-    kwargs = dict(widths=(4, 8), dims=(5, 20, 1000), seeds=(0,), steps=30, projection="dense")
+    kwargs = dict(widths=(4, 8), dims=(5, 20, 1000), seeds=(0,), steps=30, steps_full=30, projection="dense")
     first = fx.intrinsic_dimension_sweep(**kwargs)
     assert first.full_dim == {"4": 64 * 4 + 4 + 4 * 4 + 4 + 4 * 10 + 10, "8": 64 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10}
     assert set(first.subspace_acc["4"]["0"]) == {"5", "20"}  # d = 1000 > D is skipped
