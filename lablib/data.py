@@ -48,6 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lablib._env import package_dir as _package_dir
+
 __all__ = [
     "CLASSIFICATION_DATASETS",
     "TEXT_CORPORA",
@@ -127,17 +129,6 @@ def _check_fraction(value: Any, name: str, *, allow_zero: bool) -> float:
         interval = "[0, 1)" if allow_zero else "(0, 1)"
         raise ValueError(f"{name} must be in {interval}, got {value}")
     return float(value)
-
-
-def _package_dir(module: str) -> Path | None:
-    """Folder of an installed top-level package, found without running its `__init__` (data-only installs work)."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ from functools import cache
 from pathlib import Path
 from typing import TextIO
 
+from lablib._env import package_dir as _package_dir
+
 __all__ = [
     "CheckResult",
     "LabExtension",
@@ -329,17 +331,6 @@ def check_triton_interpreter(*, timeout_s: float = TRITON_TIMEOUT_S) -> CheckRes
 # --------------------------------------------------------------------------------------------------------------
 # Offline data packages (located without importing lablib.data or the packages themselves)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _package_dir(module: str) -> Path | None:
-    """The folder of an installed package, found without running its __init__."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def check_digits() -> CheckResult:

@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lablib._env import in_ipython_kernel as _in_ipython_kernel
+
 if TYPE_CHECKING:  # only for annotations: lablib.data is imported lazily where it is needed
     from lablib.data import ClassificationData, TextSplits
 
@@ -186,16 +188,6 @@ def _env_flag(name: str) -> str:
 
 def _progress_enabled(progress: bool) -> bool:
     return bool(progress) and _env_flag("LABLIB_PROGRESS") not in _FALSE_WORDS
-
-
-def _in_ipython_kernel() -> bool:
-    """True inside a Jupyter kernel (not a plain `python`, not the IPython terminal)."""
-    # a process that never imported IPython cannot be a kernel; do not import it just to ask
-    ipython_module = sys.modules.get("IPython")
-    if ipython_module is None:
-        return False
-    shell = ipython_module.get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def _progress_bar_class() -> type:

@@ -30,6 +30,8 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from lablib._env import in_ipython_kernel as _in_ipython_kernel
+
 __all__ = [
     "static_mode",
     "set_plotly_renderer",
@@ -61,16 +63,6 @@ _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 # --------------------------------------------------------------------------------------------------------------
 # Environment
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _in_ipython_kernel() -> bool:
-    """True inside a Jupyter kernel (not a plain `python`, not the IPython terminal)."""
-    # Only look if IPython is already imported: a process that never imported it cannot be a kernel.
-    ipython_module = sys.modules.get("IPython")
-    if ipython_module is None:
-        return False
-    shell = ipython_module.get_ipython()
-    return shell is not None and getattr(shell, "kernel", None) is not None
 
 
 def static_mode() -> bool:
