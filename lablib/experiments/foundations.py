@@ -166,7 +166,7 @@ def mlp_for_width(width: int, *, in_features: int, num_classes: int, seed: int) 
 
 def intrinsic_dimension_sweep(
     *,
-    widths: Sequence[int] = (16, 64, 256),
+    widths: Sequence[int] = (16, 128),
     dims: Sequence[int] = (10, 25, 50, 100, 150, 200, 250, 300, 400, 600),
     seeds: Sequence[int] = (0,),
     dataset: str = "digits",
