@@ -133,3 +133,17 @@ def test_check_param_count(capsys):
     assert fx.check_param_count(transformer_param_formula(cfg), cfg)
     assert not fx.check_param_count(transformer_param_formula(cfg) - 32, cfg)
     assert "not quite" in capsys.readouterr().out
+
+
+def test_recorded_sweep_used_the_same_settings_as_the_live_default():
+    """If a default of the sweep changes, the recording must be redone (the lab compares the two)."""
+    import inspect
+
+    recorded = fx.recorded_intrinsic_dimension().config
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(fx.intrinsic_dimension_sweep).parameters.items()
+        if name not in {"widths", "seeds", "progress", "use_cache"}
+    }
+    defaults["dims"] = sorted(defaults["dims"])
+    assert {k: recorded[k] for k in defaults} == {k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items()}
