@@ -16,7 +16,10 @@ takes `x` of shape (B, T, d_model) and returns either a tensor of the same shape
 losses and hands the FFNs' raw outputs back in `LMOutput.layer_outputs` for diagnostics.
 
 The loop over blocks is one small method, `TinyTransformer._run_blocks`, so recursive transformers can override it
-(loop the same blocks several times) while `blocks` stays a plain `nn.ModuleList`.
+(loop the same blocks several times) while `blocks` stays a plain `nn.ModuleList`. Two small hooks let a subclass feed
+its FFNs more than x: `_block_context(idx)` returns extra keywords for `_run_blocks` (none by default), and
+`Block.forward(x, **ffn_kwargs)` hands keywords to the FFN (`lablib.moe.MoETransformer` passes token ids and the
+recurrent router state this way).
 
 Initialisation follows nanoGPT: every `nn.Linear` / `nn.Embedding` weight ~ N(0, 0.02²), biases 0, LayerNorm
 (1, 0), and the output projection of each residual branch (any parameter named `*.proj.weight`) ~ N(0, (0.02 /
@@ -209,12 +212,14 @@ class Block(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.d_model)
         self.ffn = ffn
 
-    def forward(self, x: torch.Tensor) -> BlockOutput:
+    def forward(self, x: torch.Tensor, **ffn_kwargs: Any) -> BlockOutput:
+        """`ffn_kwargs` go to the FFN as keywords (none by default; `lablib.moe.MoETransformer` passes routing
+        context such as token ids and a recurrent router state)."""
         # x + Attn(LN(x)) : (B, T, d_model)
         attn_y, attn_aux = unpack_module_output(self.attn(self.attn_norm(x)), like=x, where="attention module")
         x = x + attn_y
         # x + FFN(LN(x)) : (B, T, d_model)
-        raw = self.ffn(self.ffn_norm(x))
+        raw = self.ffn(self.ffn_norm(x), **ffn_kwargs)
         ffn_y, ffn_aux = unpack_module_output(raw, like=x, where="ffn module")
         x = x + ffn_y
         aux_loss = x.new_zeros(())
@@ -314,6 +319,11 @@ class TinyTransformer(nn.Module):
                     f"{what} values must be token ids in [0, {self.config.vocab_size}), got min {low}, max {high}"
                 )
 
+    def _block_context(self, idx: torch.Tensor) -> dict[str, Any]:
+        """Keyword arguments `forward` passes to `_run_blocks` besides x: none here. A subclass whose FFNs need the
+        input token ids (hash routing in `lablib.moe.MoETransformer`) returns them and accepts them in `_run_blocks`."""
+        return {}
+
     def _run_blocks(self, x: torch.Tensor) -> BlocksOutput:
         """Apply the blocks in order. Override to loop, skip or route blocks (recursive transformers, MoD...)."""
         aux_loss = x.new_zeros(())
@@ -341,7 +351,7 @@ class TinyTransformer(nn.Module):
         positions = torch.arange(time, device=idx.device)
         # x_0 = E_tok[idx] + E_pos[t] : (B, T, d_model)
         x = self.embedding_dropout(self.token_embedding(idx) + self.position_embedding(positions))
-        stack = self._run_blocks(x)
+        stack = self._run_blocks(x, **self._block_context(idx))
         # (B, T, d_model) -> (B, T, vocab_size)
         logits = self.lm_head(self.final_norm(stack.x))
         loss = None
