@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         labs = [p for p in labs if p.name[:2] in set(args.labs)]
         if not labs:
             parser.error(f"no lab matches {args.labs}")
+    load_before = os.getloadavg()[0]
     rows = []
     for lab in labs:
         with tempfile.TemporaryDirectory(prefix="lablib-bench-cache-") as cache:
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ran {lab.name}: cold {cold:.1f} s, warm {warm:.1f} s", file=sys.stderr)
     lines = [
         f"### {dt.date.today().isoformat()} on {machine()}",
+        "",
+        f"1-minute load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+        "(after includes this run; above 1 before means the machine was shared and timings are pessimistic)",
         "",
         "| lab | cold s | cold / 120 s budget | warm s | warm / cold |",
         "|---|---:|---:|---:|---:|",
