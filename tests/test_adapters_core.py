@@ -14,15 +14,6 @@ from torch import nn
 from lablib import adapters, ledger, models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster and immune to OpenMP spin contention on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_lm(seed: int = 0, n_layers: int = 2) -> models.TinyTransformer:
     torch.manual_seed(seed)
     config = models.TransformerConfig(vocab_size=16, d_model=8, n_layers=n_layers, n_heads=2, seq_len=8)

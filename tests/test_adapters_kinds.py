@@ -16,15 +16,6 @@ from lablib import adapters, ledger
 from lablib.train import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster and immune to OpenMP spin contention on a busy shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def toy(seed: int = 0) -> nn.Sequential:
     """Three Linears: two 8 -> 8 of one module type ("*") and one 8 -> 12 (names "0", "2", "4")."""
     torch.manual_seed(seed)

@@ -35,15 +35,6 @@ def _load_bench():
 bench = _load_bench()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and does not stall when another process holds the second core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_table_is_produced(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "ROOT", tmp_path)  # nothing may be recorded without --record
     assert bench.main(["--shape", TINY, "--warmup", "0", "--iters", "1"]) == 0

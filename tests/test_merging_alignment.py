@@ -16,14 +16,6 @@ from lablib import merging
 from lablib.models import MLPClassifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def mlp_state(seed: int, hidden=(6, 5)) -> tuple[MLPClassifier, dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
     model = MLPClassifier(in_features=4, hidden_sizes=list(hidden), num_classes=3)

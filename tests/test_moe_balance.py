@@ -23,15 +23,6 @@ from lablib.moe import (
 from lablib.train import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and does not stall when another process holds a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Load-balancing loss
 # ----------------------------------------------------------------------------------------------------------------

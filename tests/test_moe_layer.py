@@ -22,16 +22,6 @@ D_MODEL, D_HIDDEN, E = 6, 8, 4
 BATCH, TIME = 2, 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and does not stall when another process holds the
-    second core (OpenMP workers then wait on each other at every op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The naive reference: one token at a time, plain Python loops, no sorting, no grouping
 # ----------------------------------------------------------------------------------------------------------------

@@ -29,15 +29,6 @@ from lablib.moe import (
 D, E, N = 8, 5, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster and does not stall when another process holds a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make(name: str, *, top_k: int = 2, init_seed: int = 0, **options) -> moe.Router:
     torch.manual_seed(init_seed)
     if name in ("switch", "hash"):
