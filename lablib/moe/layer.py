@@ -62,7 +62,15 @@ from torch import nn
 from lablib.ledger import LedgerCounts
 from lablib.models import INIT_STD, MLP, BlocksOutput, ModuleFactory, TinyTransformer, TransformerConfig
 from lablib.moe.balance import ExpertBias, load_balancing_loss, router_entropy, router_z_loss
-from lablib.moe.routers import EXPERT_CHOICE, ROUTERS, Router, build_router, router_options
+from lablib.moe.routers import (
+    EXPERT_CHOICE,
+    ROUTERS,
+    Router,
+    _check_positive_int,
+    _is_int,
+    build_router,
+    router_options,
+)
 
 __all__ = [
     "EXPERT_ACTIVATIONS",
@@ -88,16 +96,6 @@ _ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "silu": F.silu,
 }
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _check_nonnegative(name: str, value: Any) -> float:
