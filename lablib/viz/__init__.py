@@ -21,7 +21,6 @@ import importlib.util
 import inspect
 import math
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -702,3 +701,17 @@ def subspace_accuracy_figure(
     if selected_d is not None:
         fig.add_vline(x=selected_d, line_dash="dot", line_color="black")
     return fig
+
+
+def _rows_of_numbers(rows: Mapping[str, Any], *, what: str) -> tuple[list[str], list[list[float]]]:
+    """A non-empty mapping name -> 1-D numbers, all the same length: (names, rows)."""
+    if not isinstance(rows, Mapping) or not rows:
+        raise ValueError(f"{what} needs a non-empty mapping name -> values")
+    names = [_name(key, what=what) for key in rows]
+    values = [_numbers(rows[key], what=f"{what} {key!r}") for key in rows]
+    lengths = sorted({len(v) for v in values})
+    if lengths[0] == 0:
+        raise ValueError(f"{what} rows must not be empty")
+    if len(lengths) != 1:
+        raise ValueError(f"{what} rows must all have the same length, got lengths {lengths}")
+    return names, values
