@@ -42,8 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# name -> (module, function): each function takes (path | None, *, progress) and returns the written path
-SWEEPS = {"intrinsic-dimension": ("lablib.experiments.foundations", "record_intrinsic_dimension")}
+def _discover_sweeps() -> dict[str, tuple[str, str]]:
+    """Sweep name -> (module, function), found without importing anything: every `def record_<name>(` at the top
+    level of a module in lablib/experiments/ is the sweep `<name>` with underscores as dashes. Each such function
+    takes `(path | None, *, progress)`, writes its results (default: lablib/experiments/results/) and returns the
+    path. A new lab registers its sweep just by defining the function."""
+    import re
+    from pathlib import Path
+
+    found: dict[str, tuple[str, str]] = {}
+    for source in sorted((Path(__file__).parent / "experiments").glob("*.py")):
+        for function in re.findall(r"^def (record_\w+)\(", source.read_text(encoding="utf-8"), flags=re.M):
+            name = function.removeprefix("record_").replace("_", "-")
+            if name in found:
+                raise RuntimeError(f"sweep {name!r} is defined twice: {found[name]} and {source.stem}.{function}")
+            found[name] = (f"lablib.experiments.{source.stem}", function)
+    return found
+
+
+SWEEPS = _discover_sweeps()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

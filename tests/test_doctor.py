@@ -240,3 +240,16 @@ def test_cli_fails_when_jupytext_cannot_be_imported(tmp_path):
     assert "-> fix: pip install jupytext" in completed.stdout
     assert "[ok] torch:" in completed.stdout  # the other checks still ran
     assert "1 of" in completed.stdout.splitlines()[-1]
+
+
+def test_every_discovered_sweep_imports_and_takes_path_and_progress():
+    import importlib
+    import inspect
+
+    from lablib.__main__ import SWEEPS, _discover_sweeps
+
+    assert "intrinsic-dimension" in SWEEPS and SWEEPS == _discover_sweeps()
+    for name, (module, function) in SWEEPS.items():
+        record = getattr(importlib.import_module(module), function)
+        params = inspect.signature(record).parameters
+        assert list(params)[:1] == ["path"] and params["progress"].kind is inspect.Parameter.KEYWORD_ONLY, name
