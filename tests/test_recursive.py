@@ -568,3 +568,16 @@ def test_mod_and_mor_ledgers_by_hand():
     assert recursion_ledger(share).kv_cache_entries == 2 * T
     with pytest.raises(TypeError):
         recursion_ledger(torch.nn.Linear(2, 2))
+
+
+def test_ledger_fractions_override_and_validation():
+    mor = MixtureOfRecursionsTransformer(config(n_layers=6), num_recursion=3, routing="token_choice")
+    full = recursion_ledger(mor)  # token choice without diagnostics: full depth, an upper bound
+    planned = recursion_ledger(mor, fractions=(1.0, 5 / 8, 2 / 8))
+    ec = recursion_ledger(MixtureOfRecursionsTransformer(config(n_layers=6), num_recursion=3))
+    assert planned.flops_per_token < full.flops_per_token and planned.mean_depth == pytest.approx(15 / 8)
+    # same fractions as expert choice's k_r: the two differ only by their routers' FLOPs
+    assert planned.flops_per_token - ec.flops_per_token == 2 * D * 3 - 2 * D * (1 + 1 + 5 / 8)
+    for bad in ((1.0, 0.5), (0.5, 1.0, 0.2), (1.0, 1.0, 1.5)):
+        with pytest.raises(ValueError, match="fractions"):
+            recursion_ledger(mor, fractions=bad)

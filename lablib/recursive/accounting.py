@@ -18,7 +18,7 @@ A plain `TinyTransformer` gets `lablib.ledger.ledger`'s row with T entries per l
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -80,9 +80,15 @@ def matmul_flops(module: nn.Module) -> int:
 
 
 def step_fractions(model: RecursiveTransformer, *, seq_len: int,
-                   diagnostics: RecursionDiagnostics | None = None) -> list[float]:
-    """f_r, the fraction of tokens that run recursion step r (see the module docstring)."""
+                   diagnostics: RecursionDiagnostics | None = None,
+                   fractions: Sequence[float] | None = None) -> list[float]:
+    """f_r, the fraction of tokens that run recursion step r (see the module docstring); `fractions` overrides."""
     n = model.num_recursion
+    if fractions is not None:
+        out = [float(f) for f in fractions]
+        if len(out) != n or any(not 0.0 <= f <= 1.0 for f in out) or any(b > a for a, b in zip(out, out[1:])):
+            raise ValueError(f"fractions must be {n} non-increasing values in [0, 1], got {list(fractions)}")
+        return out
     if diagnostics is not None:
         if len(diagnostics.tokens_per_step) != n:
             raise ValueError(f"diagnostics has {len(diagnostics.tokens_per_step)} steps, the model {n}")
@@ -94,8 +100,10 @@ def step_fractions(model: RecursiveTransformer, *, seq_len: int,
 
 
 def recursion_ledger(model: nn.Module, *, seq_len: int | None = None,
-                     diagnostics: RecursionDiagnostics | None = None, name: str | None = None) -> RecursionLedger:
-    """Parameters, FLOPs per token spent and KV-cache size (see the module docstring)."""
+                     diagnostics: RecursionDiagnostics | None = None, fractions: Sequence[float] | None = None,
+                     name: str | None = None) -> RecursionLedger:
+    """Parameters, FLOPs per token spent and KV-cache size (see the module docstring). `fractions` (one per
+    recursion step) replaces the model's or the diagnostics' f_r, e.g. to plan a budget for a balanced router."""
     if not isinstance(model, TinyTransformer):
         raise TypeError(f"recursion_ledger takes a TinyTransformer (or a recursive / MoD one), got "
                         f"{type(model).__name__}")
@@ -112,7 +120,7 @@ def recursion_ledger(model: nn.Module, *, seq_len: int | None = None,
     label = name or type(model).__name__
     if isinstance(model, RecursiveTransformer):
         k_unique, n = model.num_unique, model.num_recursion
-        fractions = step_fractions(model, seq_len=seq_len, diagnostics=diagnostics)
+        fractions = step_fractions(model, seq_len=seq_len, diagnostics=diagnostics, fractions=fractions)
         sharing_kv = model.kv_sharing
         flops = float(head)
         entries = 0.0
