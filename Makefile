@@ -12,11 +12,12 @@ LABS   := $(sort $(wildcard labs/[0-9][0-9]_*.py))
 # JupyterLab refuses to start as root without --allow-root; pass it only then.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test unit nbval notebooks doctor bench binder-check clean-venv help
+.PHONY: lab test unit nbval browser-test notebooks doctor bench binder-check clean-venv help
 
 help:
 	@echo "make lab        set up .venv and start JupyterLab on labs/"
-	@echo "make test       set up .venv, run unit tests + nbval over every lab"
+	@echo "make test       set up .venv, run unit tests + nbval over every lab, then the browser test"
+	@echo "make browser-test  run every lab in JupyterLab in headless Chromium (skipped, saying so, without Chromium)"
 	@echo "make notebooks  re-execute every labs/NN_*.py into its paired .ipynb (commit the result)"
 	@echo "make doctor     check the environment (versions, JupyterLab extensions, Triton, data)"
 	@echo "make bench      run bench/ scripts (seconds per lab, ratios)"
@@ -41,13 +42,34 @@ lab: $(STAMP)
 
 # One pytest run over unit tests and the notebooks, so the closing line counts every test.
 # LABLIB_STATIC=1: nbval has no widget frontend, so panels draw their static figure.
+# Then the browser test, after nbval so the labs' checkpoint cache is warm.
 test: $(STAMP)
-	LABLIB_STATIC=1 LABLIB_PROGRESS=0 $(PY) -m pytest tests labs \
+	LABLIB_STATIC=1 LABLIB_PROGRESS=0 $(PY) -m pytest tests labs --ignore=tests/test_browser.py \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg
+	@$(MAKE) --no-print-directory browser-test
 
 unit: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --ignore=tests/test_browser.py
+
+# Every lab run in JupyterLab (started as `make lab` starts it) in headless Chromium, driven by Playwright for
+# Python (pinned in tests/browser/requirements.txt, not in the Binder lock). Chromium comes from the OS
+# (Debian: apt-get install chromium); Playwright's own browser download is never used.
+CHROMIUM ?= $(firstword $(wildcard /usr/lib/chromium/chromium) $(shell command -v chromium chromium-browser 2>/dev/null))
+BROWSER_STAMP := $(VENV)/.lablib-browser-installed
+
+$(BROWSER_STAMP): tests/browser/requirements.txt $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -r tests/browser/requirements.txt
+	touch $(BROWSER_STAMP)
+
+browser-test: $(STAMP)
+ifeq ($(strip $(CHROMIUM)),)
+	@echo "SKIPPED: browser test (tests/test_browser.py): no Chromium found."
+	@echo "         Install it (Debian: apt-get install chromium) or set CHROMIUM=/path/to/chromium, then make browser-test."
+else
+	@$(MAKE) --no-print-directory $(BROWSER_STAMP)
+	CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests/test_browser.py
+endif
 
 nbval: $(STAMP)
 	LABLIB_STATIC=1 LABLIB_PROGRESS=0 $(PY) -m pytest labs --nbval-lax --nbval-current-env \

@@ -36,11 +36,12 @@ def test_every_runtime_dependency_has_a_lower_bound_and_is_in_the_lock():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["requires-python"] == ">=3.10"
     pins = lock_pins()
-    # the `bench` extra (transformers, a peer library for bench/moe_cpu.py) stays out of the lab environment's lock
+    # the `bench` extra (transformers, a peer library for bench/moe_cpu.py) and the `browser` extra (Playwright, for
+    # tests/test_browser.py; pinned in tests/browser/requirements.txt) stay out of the lab environment's lock
     extras = [
         d
         for name, group in project["optional-dependencies"].items()
-        if name != "bench"
+        if name not in ("bench", "browser")
         for d in group
         if not d.startswith("lablib")
     ]
@@ -66,9 +67,41 @@ def test_installed_versions_match_the_lock():
     assert not wrong, f"environment differs from binder/requirements.txt: {wrong}; run `make test` to reinstall"
 
 
+def test_browser_extra_is_pinned_outside_the_binder_lock():
+    """Playwright is a test tool: pinned for `make test` in tests/browser/requirements.txt, agreeing with the lock
+    on anything both name, and absent from the Binder image."""
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["browser"]
+    browser_pins = {}
+    for line in (ROOT / "tests" / "browser" / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep, f"tests/browser/requirements.txt line {line!r} is not an exact '==' pin"
+            browser_pins[name.lower().replace("_", "-")] = version
+    lock = lock_pins()
+    for dep in extra:
+        name = re.split(r"[<>=!~\[ ]", dep, maxsplit=1)[0].lower().replace("_", "-")
+        assert ">=" in dep and name in browser_pins, f"browser extra {dep!r} needs a lower bound and a pin"
+        assert name not in lock, f"{name} is a browser-test tool; keep it out of binder/requirements.txt"
+    clashes = {n: (v, lock[n]) for n, v in browser_pins.items() if n in lock and lock[n] != v}
+    assert not clashes, f"tests/browser/requirements.txt disagrees with binder/requirements.txt: {clashes}"
+
+
 def test_ci_runs_make_test_and_nothing_a_user_would_not():
     commands = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert "make test" in commands
+    # Chromium from Debian's packages before `make test`, and a missing browser fails CI instead of skipping
+    install = next(i for i, c in enumerate(commands) if "apt-get install" in c and "chromium" in c)
+    assert install < commands.index("make test")
+    assert "export LABLIB_REQUIRE_BROWSER=1" in commands
+
+
+def test_make_test_runs_the_browser_test_after_nbval_or_says_it_is_skipped():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\ntest: ", 1)[1].split("\n\n", 1)[0]
+    assert "--ignore=tests/test_browser.py" in recipe and recipe.rstrip().endswith("browser-test"), recipe
+    browser = makefile.split("\nbrowser-test: ", 1)[1].split("\n\n", 1)[0]
+    assert "SKIPPED: browser test" in browser and "pytest tests/test_browser.py" in browser, browser
 
 
 def test_readme_quick_start_has_the_two_commands():
