@@ -439,7 +439,7 @@ def depth_text(model: RecursiveTransformer, text: str) -> tuple[list[str], list[
     depths: list[int] = []
     was = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), one_thread():
         for start in range(0, len(ids), seq_len):
             window = ids[start:start + seq_len][None]
             out = model(window)

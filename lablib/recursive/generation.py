@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lablib.recursive.core import RecursiveTransformer
+from lablib.recursive.core import HALTING_EPS, RecursiveTransformer
 from lablib.recursive.engine import KV, block_step
 
 
@@ -106,7 +106,7 @@ def _step(model: RecursiveTransformer, token: torch.Tensor, position: int, cache
             delta = gate.unsqueeze(-1).to(delta.dtype) * delta
         keep = selected
         if model.halting_threshold is not None:
-            rho = delta.norm(dim=-1) / (h.norm(dim=-1) + 1e-6)
+            rho = delta.norm(dim=-1) / (h.norm(dim=-1) + HALTING_EPS)
             keep = selected & (rho >= model.halting_threshold)
         h = torch.where(selected.unsqueeze(-1), h + delta, h)
         depth = depth + selected[:, 0].long()
