@@ -39,6 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("name", choices=sorted(SWEEPS), help="which sweep")
     sweep.add_argument("--out", default=None, help="write here instead of the package's results folder")
+    frontier = commands.add_parser(
+        "frontier",
+        help="train every technique on one task and record the parameter-accuracy frontier (resumable, cached)",
+        description="Train every technique of the labs on the same task, count each with lablib.ledger and write "
+        "lablib/experiments/results/frontier.json. Each point is cached by its configuration under LABLIB_CACHE, "
+        "so an interrupted run resumes without recomputing finished points.",
+    )
+    frontier.add_argument("--points", nargs="+", metavar="NAME", default=None,
+                          help="run only these points (names as listed by --list)")
+    frontier.add_argument("--list", action="store_true", help="list the points and exit")
+    frontier.add_argument("--out", default=None, help="write here instead of the package's results folder")
     return parser
 
 
@@ -79,6 +90,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         module, function = SWEEPS[args.name]
         record = getattr(importlib.import_module(module), function)
         path = record(Path(args.out) if args.out else None, progress=True)
+        print(f"wrote {path}")
+        return 0
+    if args.command == "frontier":
+        from pathlib import Path
+
+        from lablib.experiments import frontier as fx
+
+        if args.list:
+            for point in fx.POINTS:
+                print(f"{point['name']}  ({fx.FAMILIES[point['method']]})")
+            return 0
+        points = None
+        if args.points:
+            by_name = {p["name"]: p for p in fx.POINTS}
+            unknown = [n for n in args.points if n not in by_name]
+            if unknown:
+                parser.error(f"unknown points {unknown}; `python -m lablib frontier --list` lists them")
+            points = [by_name[n] for n in args.points]
+        path = fx.record_frontier(Path(args.out) if args.out else None, progress=True, points=points)
         print(f"wrote {path}")
         return 0
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse rejects unknown choices
