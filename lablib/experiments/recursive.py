@@ -99,12 +99,17 @@ def build_model(variant: str, *, seed: int, **model_overrides: Any) -> models.Ti
     return MixtureOfDepthsTransformer(config, **kwargs)
 
 
-def planned_flops_per_token(variant: str, **model_overrides: Any) -> int:
-    """Forward FLOPs per token the budget assumes (token-choice MoR: a balanced router, depths 1..3 equally)."""
-    model = build_model(variant, seed=0, **model_overrides)
+def planned_ledger(model: models.TinyTransformer):
+    """The ledger row the budget assumes: token-choice MoR with a balanced router (depths 1..N equally used, the
+    fractions of expert choice's default capacities); every other model as `recursion_ledger` counts it."""
     if isinstance(model, MixtureOfRecursionsTransformer) and model.routing == "token_choice":
-        return recursion_ledger(model, fractions=default_capacities(model.num_recursion)).flops_per_token
-    return recursion_ledger(model).flops_per_token
+        return recursion_ledger(model, fractions=default_capacities(model.num_recursion))
+    return recursion_ledger(model)
+
+
+def planned_flops_per_token(variant: str, **model_overrides: Any) -> int:
+    """Forward FLOPs per token the budget assumes (see `planned_ledger`)."""
+    return planned_ledger(build_model(variant, seed=0, **model_overrides)).flops_per_token
 
 
 def steps_for_budget(variant: str, *, base_steps: int, **model_overrides: Any) -> int:
@@ -189,8 +194,8 @@ def train_variant(
     with one_thread():
         model, meta, from_cache = cache_mod.cached_train(run, build=build, fit=fit, cache=checkpoint_cache)
     history = train.History.from_dict(meta["history"])
-    row = recursion_ledger(model)
-    flops = planned_flops_per_token(variant, **model_overrides)
+    row = planned_ledger(model)
+    flops = row.flops_per_token
     return VariantResult(variant=variant, model=model, history=history, val_loss=history.final("val_loss"),
                          steps=steps, flops_per_token=flops,
                          train_flops=3.0 * flops * steps * batch_size * seq_len,
@@ -576,7 +581,7 @@ def check_kv_entries(answer: int, *, seq_len: int, num_unique: int, capacities: 
     else:
         want = sum(tokens_at_step(c, seq_len) for c in capacities) * num_unique
     ok = int(answer) == want
-    print("correct" if ok else f"not quite: count the tokens each step keeps ({want} in all)")
+    print("correct" if ok else "not quite: count the tokens each step keeps, times the unique layers")
     return ok
 
 
