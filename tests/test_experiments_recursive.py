@@ -1,4 +1,4 @@
-"""lablib.experiments.recursive: lab 04's runs at tiny sizes, the isoFLOP budget, the verdict rules and the recording."""
+"""lablib.experiments.recursive: lab 04's runs at tiny sizes, the isoFLOP budget, the verdict rules, the recording."""
 
 from __future__ import annotations
 

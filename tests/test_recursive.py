@@ -106,7 +106,8 @@ def test_tied_layers_share_one_parameter_and_gradients_accumulate():
     r(idx, tgt).loss.backward()
     untied(idx, tgt).loss.backward()
     for name, p in r.blocks[0].named_parameters():
-        want = dict(untied.blocks[0].named_parameters())[name].grad + dict(untied.blocks[2].named_parameters())[name].grad
+        grads = [dict(untied.blocks[d].named_parameters())[name].grad for d in (0, 2)]
+        want = grads[0] + grads[1]
         torch.testing.assert_close(p.grad, want)
 
 
@@ -194,7 +195,8 @@ def test_recursive_ledger_counts_parameters_once_and_flops_per_depth():
     lv, lr, mine = ledger.ledger(v), ledger.ledger(r), recursion_ledger(r)
     assert lv.total - lr.total == 2 * block_params
     assert mine.total == lr.total == ledger.transformer_param_formula(v.config) - 2 * block_params
-    assert lr.flops_per_token == lv.flops_per_token == mine.flops_per_token == ledger.transformer_flops_formula(v.config)
+    formula = ledger.transformer_flops_formula(v.config)
+    assert lr.flops_per_token == lv.flops_per_token == mine.flops_per_token == formula
     # a plain KV cache holds one entry per token per layer
     assert mine.kv_cache_entries == 4 * T == recursion_ledger(v).kv_cache_entries
     assert mine.kv_cache_numbers == 4 * T * 2 * D

@@ -52,7 +52,8 @@ def test_pareto_figure_two_panels_error_bars_and_frontier():
     fig = viz.pareto_figure(points)
     markers = [t for t in fig.data if t.mode == "markers"]
     assert len(markers) == 4 and markers[0].name == "vanilla"
-    assert list(markers[0].error_y.array) == [pytest.approx(0.2)] and list(markers[0].error_y.arrayminus) == [pytest.approx(0.1)]
+    assert list(markers[0].error_y.array) == [pytest.approx(0.2)]
+    assert list(markers[0].error_y.arrayminus) == [pytest.approx(0.1)]
     frontiers = [t for t in fig.data if t.name == "Pareto frontier"]
     assert [list(t.x) for t in frontiers] == [[1e12], [1e5, 3e5]]
     pio.to_json(fig)

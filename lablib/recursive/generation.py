@@ -98,7 +98,8 @@ def _step(model: RecursiveTransformer, token: torch.Tensor, position: int, cache
             here = torch.ones(batch, 1, dtype=torch.bool, device=device)
             valid = here if cache is None else torch.cat([cache.valid, here], dim=1)
             y, own, _ = block_step(block, y, attn_mask=valid[:, None, :], past=None if cache is None else cache.kv)
-            new_kv = own if cache is None else KV(k=torch.cat([cache.kv.k, own.k], 2), v=torch.cat([cache.kv.v, own.v], 2))
+            new_kv = own if cache is None else KV(k=torch.cat([cache.kv.k, own.k], 2),
+                                                  v=torch.cat([cache.kv.v, own.v], 2))
             stored = selected if cache is None else torch.cat([cache.valid, selected], dim=1)
             caches[(r, j)] = LayerCache(kv=new_kv, valid=stored)
         delta = y - h
