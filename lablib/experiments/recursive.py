@@ -555,7 +555,8 @@ def record_recursive(path: Path | None = None, *, progress: bool = True) -> Path
     record = dict(
         recorded=dt.date.today().isoformat(),
         machine=f"{platform.machine()}, {os.cpu_count()} cores, training on 1 torch thread, {platform.platform()}, "
-                f"1-minute load average at the end {os.getloadavg()[0]:.2f}, CPU time {time.process_time() - cpu:.0f} s",
+                f"1-minute load average at the end {os.getloadavg()[0]:.2f}, "
+                f"CPU time {time.process_time() - cpu:.0f} s",
         versions=dict(lablib=lablib.__version__, torch=torch.__version__, python=platform.python_version()),
         command="python -m lablib sweep recursive",
         seconds=round(seconds, 1),
