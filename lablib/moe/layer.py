@@ -16,8 +16,9 @@ stable-sort them by expert, count them per expert (`bincount`), gather the token
 once on its contiguous group (two matmuls), scale by the combine weights, and scatter-add back to the tokens
 (`index_add`). Work is proportional to the k·N assignments, never E·N: no expert sees a token it was not routed.
 `Experts(x, indices, weights, mask)` is the HF/ScatterMoE call `experts(x, topk_idx, topk_weights)`; the `backend`
-string picks the implementation from `EXPERT_BACKENDS`. Lab 07's Triton kernels will call
-`register_expert_backend("triton", fn)`; until then `backend="triton"` raises a ValueError that says so.
+string picks the implementation from `EXPERT_BACKENDS`: `"torch"` (this dispatch), `"triton"` (lab 07's grouped-GEMM
+kernels in `lablib.kernels.triton_moe`, imported on first use; on a machine without CUDA they run in Triton's CPU
+interpreter, slowly) or `"auto"` (`"triton"` for CUDA tensors, `"torch"` elsewhere).
 
 **Capacity and dropping.** `capacity_factor=None` is dropless. Otherwise each expert takes at most
 C = ceil(capacity_factor · k · N / E) assignments per call (Megatron-LM's `get_capacity`; Switch's ⌊cf·N/E⌋ for k = 1
@@ -51,6 +52,7 @@ every layer from a zero state.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -116,11 +118,9 @@ y_t = Σ_{s: mask[t, s]} weights[t, s] · F_{indices[t, s]}(x_t), differentiable
 
 EXPERT_BACKENDS: dict[str, ExpertBackend] = {}
 
-# names that are planned but not implemented in this package, and where they will come from
-_PLANNED_BACKENDS = {
-    "triton": "the Triton grouped-GEMM kernels come with lab 07 (lablib.kernels), which will call "
-    "lablib.moe.register_expert_backend('triton', fn); use backend='torch' until then",
-}
+# backends that live in another module, imported (and so registered) the first time they are asked for; the
+# import is deferred because it imports Triton and, without CUDA, switches it to its interpreter
+_LAZY_BACKENDS = {"triton": "lablib.kernels.triton_moe"}
 
 
 def register_expert_backend(name: str, fn: ExpertBackend) -> None:
@@ -135,9 +135,16 @@ def register_expert_backend(name: str, fn: ExpertBackend) -> None:
 def _check_backend(backend: Any) -> str:
     if backend in EXPERT_BACKENDS:
         return backend
-    if backend in _PLANNED_BACKENDS:
-        raise ValueError(f"backend {backend!r} is not available yet: {_PLANNED_BACKENDS[backend]}")
-    raise ValueError(f"unknown backend {backend!r}; choose one of {sorted(EXPERT_BACKENDS)}")
+    if backend in _LAZY_BACKENDS:
+        try:
+            importlib.import_module(_LAZY_BACKENDS[backend])  # registers the backend
+        except ImportError as error:
+            raise ValueError(f"backend {backend!r} needs {_LAZY_BACKENDS[backend]}, which failed to import "
+                             f"({error}); install triton (and numpy for its CPU interpreter) or use "
+                             "backend='torch'") from error
+        if backend in EXPERT_BACKENDS:
+            return backend
+    raise ValueError(f"unknown backend {backend!r}; choose one of {sorted({*EXPERT_BACKENDS, *_LAZY_BACKENDS})}")
 
 
 def grouped_torch_experts(
@@ -174,6 +181,21 @@ def grouped_torch_experts(
 
 
 register_expert_backend("torch", grouped_torch_experts)
+
+
+def auto_experts(
+    experts: Experts,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The `"auto"` backend: the Triton kernels for CUDA tensors, the `"torch"` dispatch elsewhere."""
+    name = "triton" if x.is_cuda else "torch"
+    return EXPERT_BACKENDS[_check_backend(name)](experts, x, indices, weights, mask)
+
+
+register_expert_backend("auto", auto_experts)
 
 
 class Experts(nn.Module):
@@ -378,7 +400,7 @@ class MoELayer(nn.Module):
     * `n_shared_experts`, `expert_granularity`: DeepSeekMoE's shared and fine-grained experts.
     * `router_aux_loss_coef` (default 0.01, Switch), `z_loss_coef` (default 0: off; ST-MoE uses 1e-3).
     * `bias_update_rate`: None, or the step u of auxiliary-loss-free balancing (DeepSeek-V3 / Megatron: 1e-3).
-    * `backend`: a key of `EXPERT_BACKENDS` (`"torch"`); `dropout` on the output; `init_std`, `out_init_std`.
+    * `backend`: `"torch"` (default), `"triton"` or `"auto"` (see the module docstring), or a registered name; `dropout` on the output; `init_std`, `out_init_std`.
     """
 
     # MoETransformer passes token_ids / router_state to modules that set this
