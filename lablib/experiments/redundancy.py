@@ -306,9 +306,15 @@ def recorded_redundancy(path: Path | None = None) -> list[dict]:
     return json.loads(path.read_text())["result"]["runs"]
 
 
-def compare_with_recorded(live: dict, recorded: Sequence[dict], *, tolerance: float = 0.05) -> list[str]:
-    """Differences between a live run and the recorded run of the same seed ([] = agree within `tolerance` nats on
-    every loss, and the same most-similar-first drop order for k = 1)."""
+def compare_with_recorded(live: dict, recorded: Sequence[dict], *, tolerance: float = 0.05,
+                          max_k: int = 2) -> list[str]:
+    """Differences between a live run and the recorded run of the same seed ([] = agree).
+
+    Checked within `tolerance` nats: both models' validation loss, the losses after dropping k = 1..`max_k`
+    sublayers of each kind, and every router-probe loss. Deeper drops are not compared: a different number of
+    threads (or another CPU) changes the trained weights in their last bits, and removing most of the network
+    magnifies that into tenths of a nat (and can swap the similarity order of two near-equal layers).
+    """
     match = [r for r in recorded if r["seed"] == live["seed"]]
     if not match:
         raise KeyError(f"no recorded run for seed {live['seed']}")
@@ -322,8 +328,10 @@ def compare_with_recorded(live: dict, recorded: Sequence[dict], *, tolerance: fl
     for kind in ("dense", "moe"):
         close(f"{kind} val loss", live[kind]["val_loss"], rec[kind]["val_loss"])
         for sub in redundancy.SUBLAYERS:
-            for k, (a, b) in enumerate(zip(live[kind]["drop"][sub]["loss"], rec[kind]["drop"][sub]["loss"])):
-                close(f"{kind} drop {k} {sub}", a, b)
+            pairs = zip(live[kind]["drop"][sub]["loss"], rec[kind]["drop"][sub]["loss"])
+            for k, (a, b) in enumerate(pairs):
+                if 1 <= k <= max_k:
+                    close(f"{kind} drop {k} {sub}", a, b)
     for i, (a, b) in enumerate(zip(live["moe"]["router_probe"]["loss"], rec["moe"]["router_probe"]["loss"])):
         close(f"router probe layer {i}", a, b)
     return problems
