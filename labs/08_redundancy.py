@@ -116,7 +116,8 @@ toy_states = redundancy.hidden_states(moe_toy, idx)
 merged = redundancy.merge_experts(moe_toy.blocks[0].ffn, toy_states.mid[0], num_groups=2, method="subspace", rank=8)
 print(f"expert groups {merged.groups}; expert parameters {merged.original_expert_params:,} -> "
       f"{merged.stored_expert_params:,}")
-print(ledger.format_ledger([ledger.ledger(moe_toy, name="MoE toy"), ledger.ledger(dropped, name="attention 1 dropped")]))
+rows = [ledger.ledger(moe_toy, name="MoE toy"), ledger.ledger(dropped, name="attention 1 dropped")]
+print(ledger.format_ledger(rows))
 
 # %% [markdown]
 # ## 2. Check it
@@ -173,7 +174,8 @@ def summary(run):
         for sub in ("attention", "mlp", "block"):
             print(f"       drop k=1..3 most similar {sub:<9}: " +
                   " ".join(f"{x:.2f}" for x in r["drop"][sub]["loss"][1:4]))
-    print("router probe, loss increase by MoE layer: " + " ".join(f"{d:+.2f}" for d in run["moe"]["router_probe"]["delta"]))
+    deltas = run["moe"]["router_probe"]["delta"]
+    print("router probe, loss increase by MoE layer: " + " ".join(f"{d:+.2f}" for d in deltas))
 
 
 print("live run, seed 0:")

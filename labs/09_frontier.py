@@ -200,7 +200,8 @@ assert found == [fx.HOLDS] * 3 + [fx.INCONCLUSIVE] * 5, found
 # * Heavy sweeps are recorded once (`python -m lablib frontier`, resumable) and re-checked live on a subset.
 #
 # ## Exercises
-# 1. Which point is best within 100 000 stored parameters? `fx.check_best_at_budget(your_answer, recorded.rows, 100_000)`.
+# 1. Which point is best within 100 000 stored parameters?
+#    `fx.check_best_at_budget(your_answer, recorded.rows, 100_000)`.
 # 2. Add a point to the sweep (e.g. `dict(name="magnitude 10%", method="magnitude", density=0.1)`) and run it with
 #    `fx.frontier_sweep([...])`. Does it extend the front?
 # 3. The LoRA point stores its whole base. Re-plot with the adapter's own `adapter_stored` as its cost: where does it

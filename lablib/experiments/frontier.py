@@ -143,8 +143,10 @@ def compute_point(point: Mapping[str, Any], task: Mapping[str, Any], *, progress
     start = time.perf_counter()
     splits = _splits(task)
     retrain = task["steps"] - task["base_steps"]
-    lm_batches = lambda: data.lm_batches(splits.train, batch_size=task["batch_size"], seq_len=task["seq_len"],  # noqa: E731
-                                         seed=task["seed"])
+
+    def lm_batches():
+        return data.lm_batches(splits.train, batch_size=task["batch_size"], seq_len=task["seq_len"], seed=task["seed"])
+
     extra: dict[str, Any] = {}
     if method == "dense":
         config = _config(task, **{k: point[k] for k in ("d_model", "n_layers") if k in point})

@@ -232,7 +232,7 @@ def redundancy_run(
 
 @dataclass
 class Verdict:
-    """A claim checked against numbers: 'holds', 'does not hold at this scale' or 'inconclusive (within seed spread)'."""
+    """A claim checked against numbers: `verdict` is HOLDS, FAILS or INCONCLUSIVE (the strings below)."""
 
     claim: str
     verdict: str
