@@ -33,6 +33,8 @@ def test_drop_gap_averages_k_up_to_half_the_depth():
 def test_router_gap_compares_shallow_and_deep_halves():
     run = fake_run(0, attn=[2.0], mlp=[2.0], probe=[0.3, 0.1, 0.0, 0.05, 0.01, 0.02])
     assert rx.router_gap(run) == pytest.approx((0.3 + 0.1 + 0.0) / 3 - (0.05 + 0.01 + 0.02) / 3)
+    # without layer 0: layers 1, 2 against 4, 5 (the middle layer 3 is left out)
+    assert rx.router_gap(run, skip=1) == pytest.approx((0.1 + 0.0) / 2 - (0.01 + 0.02) / 2)
 
 
 @pytest.mark.parametrize(

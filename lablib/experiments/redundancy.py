@@ -272,12 +272,13 @@ def drop_gap(run: dict, *, model: str = "dense", max_k: int | None = None) -> fl
     return statistics.fmean(drop["mlp"]["loss"][k] - drop["attention"]["loss"][k] for k in ks)
 
 
-def router_gap(run: dict) -> float:
-    """Mean probe loss increase of the shallow half of the MoE layers minus that of the deep half.
+def router_gap(run: dict, *, skip: int = 0) -> float:
+    """Mean probe loss increase of the shallow half of the MoE layers minus that of the deep half, leaving out the
+    first `skip` layers (with an odd count the middle layer is left out too).
 
     Positive: deep routers are more replaceable (the claim's side).
     """
-    delta = run["moe"]["router_probe"]["delta"]
+    delta = run["moe"]["router_probe"]["delta"][skip:]
     half = len(delta) // 2
     return statistics.fmean(delta[:half]) - statistics.fmean(delta[len(delta) - half:])
 
@@ -288,9 +289,10 @@ def drop_verdict(runs: Sequence[dict], *, model: str = "dense", min_gap: float =
                          min_gap=min_gap)
 
 
-def router_verdict(runs: Sequence[dict], *, min_gap: float = 0.01) -> Verdict:
-    gaps = [router_gap(r) for r in runs]
-    return _sign_verdict(ROUTER_CLAIM, gaps, what="shallow-half minus deep-half probe loss increase", min_gap=min_gap)
+def router_verdict(runs: Sequence[dict], *, min_gap: float = 0.01, skip: int = 0) -> Verdict:
+    gaps = [router_gap(r, skip=skip) for r in runs]
+    what = "shallow-half minus deep-half probe loss increase" + (f" (first {skip} layer(s) left out)" if skip else "")
+    return _sign_verdict(ROUTER_CLAIM, gaps, what=what, min_gap=min_gap)
 
 
 # ----------------------------------------------------------------------------------------------------------------
