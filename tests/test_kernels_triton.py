@@ -144,6 +144,22 @@ def test_backend_errors():
                           activation="tanh")
 
 
+def test_half_precision_and_unsupported_dtypes():
+    x, idx, w, _, mats = _problem(num_tokens=13, d_model=16, d_hidden=16, num_experts=3, top_k=2, activation="swiglu")
+    half = {k: v.half() for k, v in mats.items()}
+    y = tm.moe_experts_triton(x.half(), idx, w.half(), activation="swiglu", **half)
+    ref = moe_experts_reference(x.double(), idx, w.double(), activation="swiglu",
+                                **{k: v.double() for k, v in mats.items()})
+    # fp16 inputs, fp32 accumulation: a few fp16 ulps (2^-11 ≈ 5e-4) relative
+    assert y.dtype == torch.float16 and float((y.double() - ref).abs().max()) <= 3e-3 * float(ref.abs().max())
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16 tensors, got torch.float64"):
+        tm.moe_experts_triton(x.double(), idx, w.double(), activation="swiglu",
+                              **{k: v.double() for k, v in mats.items()})
+    if tm.interpreter_mode():
+        with pytest.raises(ValueError, match="bfloat16 tl.dot is wrong in Triton's CPU interpreter"):
+            tm.moe_experts_triton(x.bfloat16(), idx, w, activation="swiglu", **mats)
+
+
 def test_interpreter_is_on_without_cuda():
     if not torch.cuda.is_available():
         assert tm.interpreter_mode()
@@ -163,3 +179,14 @@ def test_gpu_matches_reference(dtype):
                                 **{k: v.double() for k, v in mats.items()})
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert float((y.double().cpu() - ref).abs().max()) <= tol * float(ref.abs().max())
+
+
+def test_lazy_backend_import_failure_is_a_clear_error(monkeypatch):
+    from lablib.moe import layer as moe_layer
+
+    monkeypatch.setitem(moe_layer._LAZY_BACKENDS, "fake_kernels", "lablib.no_such_module")
+    with pytest.raises(ValueError, match=r"backend 'fake_kernels' needs lablib.no_such_module, which failed to import"):
+        moe.Experts(num_experts=2, d_model=4, d_hidden=4, backend="fake_kernels")
+    # the triton backend registers itself on first use
+    assert moe.Experts(num_experts=2, d_model=4, d_hidden=4, backend="triton").backend == "triton"
+    assert moe.EXPERT_BACKENDS["triton"] is tm.triton_expert_backend

@@ -24,7 +24,9 @@ Backward (`TritonMoEFunction.backward`, ScatterMoE's recipe in the padded layout
 
 Without CUDA, importing this module sets `TRITON_INTERPRET=1` (unless already set), so the same kernels run in
 Triton's numpy interpreter on the CPU: slow, meant for tiny shapes and for checking the kernels, not for speed.
-fp32 matmuls use `input_precision="ieee"` (no TF32: ScatterMoE's users traced their mismatches to TF32).
+fp32 matmuls use `input_precision="ieee"` (no TF32: ScatterMoE's users traced their mismatches to TF32). Inputs may
+be fp32, fp16 or bf16 (fp32 accumulators); Triton 3.9's interpreter computes bf16 `tl.dot` wrongly, so on the CPU
+the kernels take fp32/fp16 only and bf16 is checked on a GPU (`tests/test_kernels_triton.py`, marked `gpu`).
 """
 
 from __future__ import annotations
@@ -200,8 +202,20 @@ def _grouped_weight_grad_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _check_dtype(*tensors: torch.Tensor) -> None:
+    """fp32, fp16 and (compiled only) bf16. fp64: the kernels accumulate in fp32, and Triton 3.9's interpreter
+    returns garbage for fp64 and for bf16 `tl.dot` (an fp16 or fp32 run is the CPU check)."""
+    for t in tensors:
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"the Triton MoE kernels take float32, float16 or bfloat16 tensors, got {t.dtype}")
+        if t.dtype == torch.bfloat16 and interpreter_mode():
+            raise ValueError("bfloat16 tl.dot is wrong in Triton's CPU interpreter (checked with triton 3.9); use "
+                             "float32 or float16 on the CPU, bfloat16 on a GPU")
+
+
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # full-precision products for fp32/fp64 (TF32 would cost ~1e-3 relative); bf16/fp16 ignore the setting
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
 def grouped_matmul(
@@ -229,6 +243,7 @@ def grouped_matmul(
       factor; `store_pre`: also return the pre-activation(s) (U, and G for SwiGLU).
     Returns (C, U or None, G or None).
     """
+    _check_dtype(a, w)
     if activation not in KERNEL_ACTIVATIONS:
         raise ValueError(f"unknown kernel activation {activation!r}; choose one of {list(KERNEL_ACTIVATIONS)}")
     if (activation == "swiglu") != (w_gate is not None):
@@ -274,6 +289,7 @@ def grouped_weight_grad(
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != perm.padded_rows or b.shape[0] != perm.padded_rows:
         raise ValueError(f"a and b must both have {perm.padded_rows} rows (the padded layout), got "
                          f"{tuple(a.shape)} and {tuple(b.shape)}")
+    _check_dtype(a, b)
     num_experts, (k_dim, n_dim) = perm.num_experts, (a.shape[1], b.shape[1])
     out = a.new_empty(num_experts, k_dim, n_dim)
     grid = (num_experts, triton.cdiv(k_dim, block_k), triton.cdiv(n_dim, block_n))
@@ -377,6 +393,7 @@ def moe_experts_triton(
     if x.dim() != 2 or w_in.dim() != 3 or x.shape[1] != w_in.shape[1]:
         raise ValueError(f"x (num_tokens, d_model) and w_in (E, d_model, d_hidden) disagree: {tuple(x.shape)} vs "
                          f"{tuple(w_in.shape)}")
+    _check_dtype(x)
     num_experts, d_model, d_hidden = w_in.shape
     if w_out.shape != (num_experts, d_hidden, d_model):
         raise ValueError(f"w_out must be {(num_experts, d_hidden, d_model)}, got {tuple(w_out.shape)}")
