@@ -195,14 +195,16 @@ assert not problems, problems
 print("live seed 0 agrees with the recorded run (losses within 0.05 nats)")
 
 # %% [markdown]
-# Where is the similarity high? Bars per layer for both models, and the CKA between the blocks' outputs across depth.
+# Where is the similarity high? Bars per layer, and the CKA between the blocks' outputs across depth; pick the model.
 
 # %%
-vr.similarity_figure({k: live["dense"]["similarity"][k] for k in ("attention", "mlp")},
-                     title="Dense model: cos(input, output) of each sublayer")
+viz.interact_figure(lambda model="dense": vr.similarity_figure(
+    {k: live[model]["similarity"][k] for k in ("attention", "mlp")},
+    title=f"{model} model: cos(input, output) of each sublayer"), model=["dense", "moe"])
 
 # %%
-vr.cka_figure(live["dense"]["similarity"]["cka"], title="Dense model: linear CKA between block outputs")
+viz.interact_figure(lambda model="dense": vr.cka_figure(
+    live[model]["similarity"]["cka"], title=f"{model} model: linear CKA between block outputs"), model=["dense", "moe"])
 
 # %% [markdown]
 # ## 4. Play with it
