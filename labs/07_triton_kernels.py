@@ -258,8 +258,8 @@ assert tk.padding_verdict(small).verdict == "does not hold at this scale"
 # %% [markdown]
 # **What we found.** The padding claim **holds** at 16k tokens (a few percent of the rows even at BLOCK_M = 128,
 # whatever the skew) and **does not hold** at 256 tokens, where most experts receive fewer rows than one tile: this
-# is why decode-time MoE kernels (ScatterMoE's `single.py`, vLLM's small-batch paths) treat tiny batches
-# differently, and why ScatterMoE avoids padded copies altogether. The speed claim is **inconclusive**: no GPU run
+# is why decode-time MoE kernels treat tiny batches differently (ScatterMoE ships a separate one-token kernel,
+# `kernels/single.py`), and why ScatterMoE avoids padded copies altogether. The speed claim is **inconclusive**: no GPU run
 # has been recorded yet, and the interpreter's timings measure numpy, not the kernel. Run
 # `python bench/moe_kernels.py --record` on a GPU to decide it; this cell will then compute the verdict from it.
 #
@@ -276,9 +276,10 @@ assert tk.padding_verdict(small).verdict == "does not hold at this scale"
 # ## Exercises
 # 1. Experts receive 3, 5, 0 and 9 rows and tiles are 4 rows high. How many rows does the padded layout have?
 #    Check: `tk.check_padded_rows(your_answer, counts=[3, 5, 0, 9], block_m=4)`.
-# 2. Apply the routing weight in GEMM1 instead of GEMM2 (scale the gathered x rows). Show that this equals the
-#    reference only for top-1 routing, or for linear experts. (vLLM's `apply_router_weight_on_input` has the same
-#    restriction.)
+# 2. Move the routing weight from GEMM2's epilogue to GEMM1's input: scale each gathered x row by its assignment's
+#    weight. For which expert activations is y unchanged? Check numerically against `moe_experts_reference`
+#    (hint: you need act(g·u) = g·act(u) for g >= 0). vLLM's `apply_router_weight_on_input` scales the token rows
+#    *before* they are replicated per slot, which is why it is allowed only for top-1.
 # 3. Break the kernel on purpose: drop the `valid` mask on the A load in `_grouped_matmul_kernel` (copy the module
 #    first). Which test in `tests/test_kernels_triton.py` catches it?
 #
