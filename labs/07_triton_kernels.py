@@ -37,7 +37,7 @@
 import torch
 
 import lablib
-from lablib import moe, viz
+from lablib import ledger, moe, viz
 from lablib.experiments import triton_kernels as tk
 from lablib.kernels import inverse_permutation, moe_experts_reference, sort_assignments
 from lablib.kernels import triton_moe as tm  # without CUDA this switches Triton to its interpreter
@@ -66,6 +66,17 @@ counts = torch.bincount(indices.reshape(-1), minlength=64)
 print(f"{indices.numel()} assignments over 64 experts: min {counts.min().item()}, median "
       f"{counts.median().item()}, max {counts.max().item()} rows per expert")
 print(f"per-expert loop: {3 * 64} matmuls; one grouped GEMM: 1 launch (+1 for the down projection)")
+
+# %% [markdown]
+# The ledger says the same about the FLOPs: a token pays for its k experts and the router, nothing else, exactly as
+# if it went through a dense SwiGLU FFN k times as wide.
+
+# %%
+layer = moe.MoELayer(d_model=64, d_hidden=128, num_experts=8, top_k=2, activation="swiglu")
+row = ledger.ledger(layer, name="MoE, 8 experts, top-2")
+print(ledger.format_ledger([row]))
+# FLOPs/token = 2 · (k · 3 · d_model · d_hidden + E · d_model): the k experts' three matmuls plus the router
+assert row.flops_per_token == 2 * (2 * 3 * 64 * 128 + 8 * 64)
 
 # %% [markdown]
 # ### 1.2 The permutation: sort by expert, pad to whole tiles
@@ -280,8 +291,9 @@ assert tk.padding_verdict(small).verdict == "does not hold at this scale"
 #    weight. For which expert activations is y unchanged? Check numerically against `moe_experts_reference`
 #    (hint: you need act(g·u) = g·act(u) for g >= 0). vLLM's `apply_router_weight_on_input` scales the token rows
 #    *before* they are replicated per slot, which is why it is allowed only for top-1.
-# 3. Break the kernel on purpose: drop the `valid` mask on the A load in `_grouped_matmul_kernel` (copy the module
-#    first). Which test in `tests/test_kernels_triton.py` catches it?
+# 3. Break the kernel on purpose (in a copy of `lablib/kernels/triton_moe.py`): drop `row_ok` from the scattered
+#    store of GEMM2. Which test in `tests/test_kernels_triton.py` catches it? Then restore it and instead drop the
+#    `valid` mask on the A load: why does no test fail? Follow one padding row through GEMM2 and the backward.
 #
 # ## Further reading
 # * The Triton tutorials: matrix multiplication, and the grouped GEMM tutorial (persistent kernels).
