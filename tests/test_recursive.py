@@ -172,6 +172,11 @@ def test_bad_configurations_raise_clearly():
         MixtureOfRecursionsTransformer(config(), num_recursion=2, routing="x")
     with pytest.raises(ValueError, match="kv_strategy"):
         MixtureOfRecursionsTransformer(config(), num_recursion=2, kv_strategy="x")
+    mor = MixtureOfRecursionsTransformer(config(), num_recursion=2)
+    with pytest.raises(ValueError, match="kv_strategy"):
+        mor.kv_strategy = "shared"
+    with pytest.raises(TypeError, match="causal_routing"):
+        mor.causal_routing = 1
 
 
 def test_block_step_equals_block_forward():

@@ -136,6 +136,27 @@ class MixtureOfRecursionsTransformer(RecursiveTransformer):
     def kv_sharing(self) -> bool:  # type: ignore[override]
         return self.kv_strategy == "kv_sharing"
 
+    @property
+    def kv_strategy(self) -> str:
+        return self._kv_strategy
+
+    @kv_strategy.setter
+    def kv_strategy(self, value: str) -> None:
+        # settable after training: the same weights can be decoded with either cache
+        if value not in KV_STRATEGIES:
+            raise ValueError(f"kv_strategy must be one of {KV_STRATEGIES}, got {value!r}")
+        self._kv_strategy = value
+
+    @property
+    def causal_routing(self) -> bool:
+        return self._causal_routing
+
+    @causal_routing.setter
+    def causal_routing(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"causal_routing must be a bool, got {value!r}")
+        self._causal_routing = value
+
     def _adaptive(self) -> bool:
         return True
 
