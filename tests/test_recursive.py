@@ -588,3 +588,32 @@ def test_ledger_fractions_override_and_validation():
     for bad in ((1.0, 0.5), (0.5, 1.0, 0.2), (1.0, 1.0, 1.5)):
         with pytest.raises(ValueError, match="fractions"):
             recursion_ledger(mor, fractions=bad)
+
+
+@pytest.mark.parametrize("sharing,inner", [("middle_cycle", [1, 2, 1, 2]), ("middle_sequence", [1, 1, 2, 2])])
+def test_middle_sharing_keeps_first_and_last_layers(sharing, inner):
+    assert block_schedule(num_unique=2, num_recursion=2, sharing=sharing) == [0, *inner, 3]
+    v = vanilla(n_layers=6, perturb_vectors=True).eval()
+    # stepwise: first and last kept, the middle blocks from round(linspace(1, L-2, K)) = layers 1 and 4
+    stepwise = source_layers(n_layers=6, num_recursion=2, sharing=sharing, initialization="stepwise")
+    assert stepwise == [[0], [1], [4], [5]]
+    model = RecursiveTransformer.from_vanilla(v, num_recursion=2, sharing=sharing).eval()
+    twin = 3 if sharing == "middle_cycle" else 2  # the other depth tied to depth 1
+    assert len(model.unique_blocks) == 4 and model.blocks[1].ffn.fc.weight is model.blocks[twin].ffn.fc.weight
+    torch.testing.assert_close(model.blocks[0].ffn.fc.weight, v.blocks[0].ffn.fc.weight)
+    torch.testing.assert_close(model.blocks[5].attn.qkv.weight, v.blocks[5].attn.qkv.weight)
+    block_params = sum(p.numel() for p in v.blocks[0].parameters())
+    row = recursion_ledger(model)
+    assert row.total == ledger.ledger(model).total == ledger.ledger(v).total - 2 * block_params
+    assert row.flops_per_token == ledger.ledger(v).flops_per_token and row.kv_cache_entries == 6 * T
+    full = RelaxedRecursiveTransformer.from_vanilla(v, num_recursion=2, sharing=sharing, rank=100, ln_share=False)
+    idx = tokens()
+    torch.testing.assert_close(full.eval()(idx).logits, v(idx).logits, atol=1e-5, rtol=1e-4)
+    assert "blocks.0.attn.qkv" not in full.lora_layers() and "blocks.1.attn.qkv" in full.lora_layers()
+    assert sum(p.numel() for p in full.lora_parameters()) == rank_parameters(v.config, rank=100, sharing=sharing)
+    with pytest.raises(ValueError, match="middle layers"):
+        RecursiveTransformer(config(n_layers=5), num_recursion=2, sharing=sharing)
+    with pytest.raises(ValueError, match="halting"):
+        model.halting_threshold = 0.1
+    with pytest.raises(ValueError, match="generate_cached"):
+        generate_cached(model, tokens(time=2), max_new_tokens=1)

@@ -118,7 +118,14 @@ def recursion_ledger(model: nn.Module, *, seq_len: int | None = None,
     head = 2 * vocab * d
     attention_per_key = 2 * 2 * d  # q·k and the weighted sum of values, per key
     label = name or type(model).__name__
-    if isinstance(model, RecursiveTransformer):
+    if isinstance(model, RecursiveTransformer) and model.sharing.startswith("middle_"):
+        # every depth runs every token (no adaptive depth with the middle variants)
+        flops = head + sum(matmul_flops(block) + attention_per_key * seq_len for block in model.blocks)
+        entries = float(len(model.blocks) * seq_len)
+        mean_depth = float(model.num_recursion)
+        notes = (f"1 + {model.num_unique} x {model.num_recursion} + 1 layers ({model.sharing}), "
+                 f"{len(model.unique_blocks)} unique blocks")
+    elif isinstance(model, RecursiveTransformer):
         k_unique, n = model.num_unique, model.num_recursion
         fractions = step_fractions(model, seq_len=seq_len, diagnostics=diagnostics, fractions=fractions)
         sharing_kv = model.kv_sharing

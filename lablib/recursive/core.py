@@ -4,7 +4,10 @@ Vocabulary follows the Mixture-of-Recursions code (`../shared/research/anchors-t
 
 * `config.n_layers` is the effective depth L (MoR's `base_depth`); `num_recursion` = N; `num_unique` K = L / N.
 * `sharing="cycle"`    ABAB: depth d uses unique block `d % K` (the whole K-block stack is looped N times);
-  `sharing="sequence"` AABB: depth d uses unique block `d // N` (each block repeated N times in place).
+  `sharing="sequence"` AABB: depth d uses unique block `d // N` (each block repeated N times in place);
+  `"middle_cycle"` / `"middle_sequence"`: the first and last layers stay unique and the L - 2 middle layers are
+  shared by the same rules, K = (L - 2) / N (Relaxed Recursive Transformers / MoR code). Halting, Mixture-of-Recursions
+  and `generate_cached` loop the whole stack, so they need `"cycle"`.
 * `ln_share`: LayerNorms tied with their block (True) or kept per depth (False). Biases are tied with their weights.
 * `initialization` (from a pretrained L-layer model, `from_vanilla`):
   - `"stepwise"`: unique block i <- layer `round(linspace(0, L-1, K))_i` (evenly spaced, first and last kept);
@@ -36,7 +39,7 @@ from torch import nn
 from lablib.models import BlocksOutput, LMOutput, TinyTransformer, TransformerConfig
 from lablib.recursive.engine import KV, active_mask, block_step, causal_mask
 
-SHARINGS = ("cycle", "sequence")
+SHARINGS = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 INITIALIZATIONS = ("stepwise", "average", "lower", "upper")
 HALTING_EPS = 1e-6
 
@@ -45,10 +48,19 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_depth(*, n_layers: int, num_recursion: int) -> int:
-    """K = n_layers / num_recursion, or a ValueError saying why N * K cannot equal the requested depth."""
+def check_depth(*, n_layers: int, num_recursion: int, sharing: str = "cycle") -> int:
+    """K = n_layers / num_recursion ((n_layers - 2) / num_recursion for the middle variants), or a ValueError saying
+    why N * K cannot equal the requested depth."""
     if not _is_int(num_recursion) or num_recursion < 1:
         raise ValueError(f"num_recursion must be an int >= 1, got {num_recursion!r}")
+    if sharing.startswith("middle_"):
+        middle = n_layers - 2
+        if middle < 1 or middle % num_recursion:
+            raise ValueError(
+                f"{sharing}: the {middle} middle layers of n_layers={n_layers} must equal num_unique K * "
+                f"num_recursion N, but {middle} is not a positive multiple of num_recursion={num_recursion}"
+            )
+        return middle // num_recursion
     if n_layers % num_recursion:
         raise ValueError(
             f"n_layers={n_layers} (the effective depth L) must equal num_unique K * num_recursion N, "
@@ -58,11 +70,15 @@ def check_depth(*, n_layers: int, num_recursion: int) -> int:
 
 
 def block_schedule(*, num_unique: int, num_recursion: int, sharing: str) -> list[int]:
-    """Unique block used at each depth d = 0..K*N-1 (cycle: d % K; sequence: d // N)."""
+    """Unique block used at each depth (cycle: d % K; sequence: d // N; middle variants: block 0 first, the K shared
+    blocks 1..K in the middle by the same rule, block K + 1 last; K * N (+ 2) depths)."""
     if sharing not in SHARINGS:
         raise ValueError(f"sharing must be one of {SHARINGS}, got {sharing!r}")
     if not _is_int(num_unique) or not _is_int(num_recursion) or num_unique < 1 or num_recursion < 1:
         raise ValueError(f"num_unique and num_recursion must be ints >= 1, got {num_unique!r}, {num_recursion!r}")
+    if sharing.startswith("middle_"):
+        inner = block_schedule(num_unique=num_unique, num_recursion=num_recursion, sharing=sharing[len("middle_"):])
+        return [0] + [1 + b for b in inner] + [num_unique + 1]
     depth = num_unique * num_recursion
     if sharing == "cycle":
         return [d % num_unique for d in range(depth)]
@@ -73,8 +89,13 @@ def source_layers(*, n_layers: int, num_recursion: int, sharing: str, initializa
     """For each unique block, the original layers it is initialised from (one, or several to average)."""
     if initialization not in INITIALIZATIONS:
         raise ValueError(f"initialization must be one of {INITIALIZATIONS}, got {initialization!r}")
-    k_unique = check_depth(n_layers=n_layers, num_recursion=num_recursion)
+    k_unique = check_depth(n_layers=n_layers, num_recursion=num_recursion, sharing=sharing)
     schedule = block_schedule(num_unique=k_unique, num_recursion=num_recursion, sharing=sharing)
+    if sharing.startswith("middle_"):
+        # first and last layers keep themselves; the middle blocks follow the rules on layers 1..L-2
+        inner = source_layers(n_layers=n_layers - 2, num_recursion=num_recursion,
+                              sharing=sharing[len("middle_"):], initialization=initialization)
+        return [[0]] + [[d + 1 for d in layers] for layers in inner] + [[n_layers - 1]]
     if initialization == "stepwise":
         # round(linspace(0, L-1, K)) (round half to even, as numpy)
         step = (n_layers - 1) / (k_unique - 1) if k_unique > 1 else 0.0
@@ -130,7 +151,9 @@ class RecursiveTransformer(TinyTransformer):
         ln_share: bool = True,
         halting_threshold: float | None = None,
     ) -> None:
-        k_unique = check_depth(n_layers=config.n_layers, num_recursion=num_recursion)
+        if sharing not in SHARINGS:
+            raise ValueError(f"sharing must be one of {SHARINGS}, got {sharing!r}")
+        k_unique = check_depth(n_layers=config.n_layers, num_recursion=num_recursion, sharing=sharing)
         if not isinstance(ln_share, bool):
             raise TypeError(f"ln_share must be a bool, got {ln_share!r}")
         super().__init__(config)
@@ -140,7 +163,7 @@ class RecursiveTransformer(TinyTransformer):
         self.ln_share = ln_share
         self.schedule = block_schedule(num_unique=k_unique, num_recursion=num_recursion, sharing=sharing)
         # the first depth that uses each unique block owns its parameters
-        self.owner_depth = [self.schedule.index(k) for k in range(k_unique)]
+        self.owner_depth = [self.schedule.index(k) for k in range(max(self.schedule) + 1)]
         self.halting_threshold = halting_threshold
         self._tie()
         self.last_diagnostics: RecursionDiagnostics | None = None
@@ -163,7 +186,7 @@ class RecursiveTransformer(TinyTransformer):
 
     @property
     def unique_blocks(self) -> list[nn.Module]:
-        """The K blocks that own the shared parameters (depths `owner_depth`)."""
+        """The blocks that own the parameters (depths `owner_depth`): K, or K + 2 for the middle variants."""
         return [self.blocks[d] for d in self.owner_depth]
 
     @property

@@ -60,6 +60,9 @@ def _check(model: RecursiveTransformer, idx: torch.Tensor, max_new_tokens: int, 
                          f"{model.config.seq_len}: the cache does not slide its window")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if model.sharing.startswith("middle_"):
+        raise ValueError(f"generate_cached walks num_recursion x num_unique depths; {model.sharing!r} adds a first and "
+                         "a last layer it does not handle (use models.generate)")
     if getattr(model, "routing", None) == "expert_choice" and not model.causal_routing:
         raise ValueError("expert-choice top-k looks at future tokens; set model.causal_routing = True to generate "
                          "(a token continues iff its router logit > 0)")

@@ -20,7 +20,8 @@ double it; `specs-moe-recursion.md` §3.1). Hence:
 
 The rank is the knob between full sharing (0) and no sharing (full): `rank_parameters` counts what it costs.
 `lablib.ledger.ledger` on this model warns and double-counts the shared base weights (each LoRA wrapper accounts for
-its base layer); count it with `lablib.recursive.recursion_ledger`, which identifies tensors by identity.
+its base layer); count it with `lablib.recursive.recursion_ledger`, which identifies tensors by identity. With the middle sharings the unshared first
+and last layers get no LoRA.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class RelaxedRecursiveTransformer(RecursiveTransformer):
 
     def _add_lora(self, rank: int) -> None:
         for d, block in enumerate(self.blocks):
+            if self.sharing.startswith("middle_") and d in (0, len(self.blocks) - 1):
+                continue  # the unshared first and last layers need no relaxation
             linears = [(n, m) for n, m in block.named_modules() if isinstance(m, nn.Linear)]
             for name, linear in linears:
                 r = min(rank, linear.in_features, linear.out_features)
@@ -97,9 +100,10 @@ class RelaxedRecursiveTransformer(RecursiveTransformer):
             layer.lora_A.copy_(vh[:r].to(layer.lora_A.dtype))
 
 
-def rank_parameters(config: TransformerConfig, *, rank: int) -> int:
-    """LoRA parameters the relaxation adds for `rank`: Σ over depths and matrices of r (in + out), r capped at
-    min(in, out). Independent of the sharing scheme."""
+def rank_parameters(config: TransformerConfig, *, rank: int, sharing: str = "cycle") -> int:
+    """LoRA parameters the relaxation adds for `rank`: Σ over relaxed depths and matrices of r (in + out), r capped at
+    min(in, out). Every depth is relaxed, except the unshared first and last layers of the middle variants."""
     d, h = config.d_model, config.ffn_hidden
     shapes = [(d, 3 * d), (d, d), (d, h), (h, d)]  # qkv, attn.proj, ffn.fc, ffn.proj as (in, out)
-    return config.n_layers * sum(min(rank, i, o) * (i + o) for i, o in shapes)
+    depths = config.n_layers - 2 if sharing.startswith("middle_") else config.n_layers
+    return depths * sum(min(rank, i, o) * (i + o) for i, o in shapes)
