@@ -90,15 +90,18 @@ bench: $(STAMP)
 	$(PY) bench/labs_runtime.py
 
 # What Binder does: a fresh venv from binder/requirements.txt alone, then binder/postBuild, then every lab
-# executed headless (nbval). Slow (a full install, ~2 min); run it when the lock or postBuild changes.
+# executed headless (nbval) with an empty checkpoint cache, as on a fresh Binder. Slow (a full install plus every
+# lab cold); not part of `make test`: run it when the lock or postBuild changes (tests/test_browser.py wraps it
+# as a slow test when LABLIB_BINDER_CHECK=1).
 BINDER_VENV ?= /tmp/lablib-binder-venv
 binder-check:
 	rm -rf $(BINDER_VENV)
 	$(PYTHON) -m venv $(BINDER_VENV)
 	$(BINDER_VENV)/bin/python -m pip install --disable-pip-version-check -q -r binder/requirements.txt
 	PATH=$(abspath $(BINDER_VENV))/bin:$$PATH bash binder/postBuild
-	LABLIB_STATIC=1 LABLIB_PROGRESS=0 $(BINDER_VENV)/bin/python -m pytest labs --nbval-lax --nbval-current-env \
-		--nbval-cell-timeout=600
+	LABLIB_CACHE=$(abspath $(BINDER_VENV))/lablib-cache LABLIB_STATIC=1 LABLIB_PROGRESS=0 \
+		$(BINDER_VENV)/bin/python -m pytest labs --nbval-lax --nbval-current-env \
+		--nbval-cell-timeout=600 --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 clean-venv:
 	rm -rf $(VENV)
