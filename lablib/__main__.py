@@ -50,7 +50,60 @@ def build_parser() -> argparse.ArgumentParser:
                           help="run only these points (names as listed by --list)")
     frontier.add_argument("--list", action="store_true", help="list the points and exit")
     frontier.add_argument("--out", default=None, help="write here instead of the package's results folder")
+    _add_merge_parser(commands)
     return parser
+
+
+def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
+    merge = commands.add_parser(
+        "merge",
+        help="merge safetensors checkpoints tensor by tensor (ties, dare_ties, task_arithmetic, ...)",
+        description="Merge models stored as safetensors files (or folders of shards) one tensor at a time with a "
+        "lablib.merging method; writes OUT/model.safetensors. Method options: --density, --weight, --lambda, "
+        "--seed, --convention, --q, or any other as --param NAME=VALUE (VALUE parsed as JSON when it can be).",
+    )
+    merge.add_argument("--method", required=True, help="registry name, e.g. ties, dare_ties, task_arithmetic, linear")
+    merge.add_argument("--base", default=None, help="the base checkpoint (needed by task-vector methods)")
+    merge.add_argument("--models", nargs="+", required=True, help="the fine-tuned checkpoints")
+    merge.add_argument("--out", required=True, help="output folder (or a .safetensors path)")
+    merge.add_argument("--density", type=float, nargs="+", default=None, help="kept fraction (one or one per model)")
+    merge.add_argument("--weight", type=float, nargs="+", default=None, help="per-model weights")
+    merge.add_argument("--lambda", dest="lambda_", type=float, default=None, help="task-vector scaling coefficient")
+    merge.add_argument("--seed", type=int, default=None, help="seed of the random drop (DARE)")
+    merge.add_argument("--q", type=float, nargs="+", default=None, help="DAREx-q rescale")
+    merge.add_argument("--convention", default=None, choices=["peft", "mergekit"], help="TIES/DARE convention")
+    merge.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="any other parameter")
+
+
+def _run_merge(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from lablib.merging.streaming import merge_safetensors
+
+    params: dict = {}
+    for name in ("density", "weight", "q"):
+        value = getattr(args, name)
+        if value is not None:
+            params[name] = value[0] if len(value) == 1 else value
+    for name in ("lambda_", "seed", "convention"):
+        if getattr(args, name) is not None:
+            params[name] = getattr(args, name)
+    for item in args.param:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--param expects NAME=VALUE, got {item!r}")
+        try:
+            params[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[name] = raw
+    try:
+        report = merge_safetensors(args.method, args.base, args.models, args.out, **params)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"merge failed: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {report.path}: {report.num_tensors} tensors, {report.bytes_written / 1e6:.1f} MB in "
+          f"{report.seconds:.2f} s ({report.gb_per_s:.2f} GB/s)")
+    return 0
 
 
 def _discover_sweeps() -> dict[str, tuple[str, str]]:
@@ -111,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = fx.record_frontier(Path(args.out) if args.out else None, progress=True, points=points)
         print(f"wrote {path}")
         return 0
+    if args.command == "merge":
+        return _run_merge(args, parser)
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse rejects unknown choices
     return 2
 

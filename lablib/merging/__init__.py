@@ -31,7 +31,8 @@ primitives under PEFT's names (`prune`, `calculate_majority_sign_mask`, `disjoin
 
 Where PEFT, mergekit and the papers' code compute TIES and DARE differently, each difference is an option and
 `convention="peft" | "mergekit" | "official"` picks a consistent set (table in `lablib.merging.methods`).
-WEMoE (weight-ensembling MoE) is not here yet: it needs the MoE router module.
+`merge_safetensors` merges safetensors checkpoints (files or folders of shards) one tensor at a time, equal to the
+in-memory merge; `python -m lablib merge --method ties --base B --models A1 A2 --out DIR` is its command line.
 
 ```python
 from lablib import merging
@@ -90,6 +91,7 @@ from lablib.merging.permutation import (
     permute_hidden_units,
     weight_matching,
 )
+from lablib.merging.streaming import STREAMABLE, StreamingMergeReport, merge_safetensors
 from lablib.merging.primitives import (
     RESCALE_NORMS,
     calculate_majority_sign_mask,
@@ -164,6 +166,10 @@ __all__ = [
     "interpolate",
     "InterpolationCurve",
     "interpolation_curve",
+    # streaming safetensors merge
+    "STREAMABLE",
+    "StreamingMergeReport",
+    "merge_safetensors",
     # interop
     "PRETRAINED",
     "to_mergekit_yaml",
