@@ -27,9 +27,10 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -82,6 +83,19 @@ NOT_YET: dict[str, str] = {}
 
 LIVE_POINTS = ("dense d32", "magnitude 50%")
 LIVE_TOLERANCE = 0.05
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one torch thread (restored afterwards): float sums then repeat bit for bit between the recording and
+    a live run whatever the machine's thread count, and two threads cannot spin against each other on a busy
+    2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,6 +274,7 @@ def frontier_sweep(
     compute: Callable[..., dict[str, Any]] | None = None,
 ) -> FrontierResult:
     """Run (or read back from the cache) every point; interrupted sweeps resume at the first unfinished point.
+    Each point is computed on one torch thread (`one_thread`), so live re-runs repeat the recording bit for bit.
 
     `compute(point, task, progress=..., checkpoint_cache=...)` defaults to `compute_point` (the tests swap it).
     """
@@ -276,7 +291,8 @@ def frontier_sweep(
         for point in points:
             def run(point=point) -> dict[str, Any]:
                 computed.append(point["name"])
-                return compute(point, task, progress=progress, checkpoint_cache=checkpoint_cache)
+                with one_thread():
+                    return compute(point, task, progress=progress, checkpoint_cache=checkpoint_cache)
 
             rows.append(cache_mod.cached_json(point_config(point, task), run, cache=checkpoint_cache))
             if bar is not None:
@@ -467,7 +483,7 @@ def record_frontier(path: Path | None = None, *, progress: bool = True,
     result = frontier_sweep(points, progress=progress)
     record = dict(
         recorded=dt.date.today().isoformat(),
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, one torch thread, {platform.platform()}",
         versions=dict(lablib=lablib.__version__, torch=torch.__version__, python=platform.python_version()),
         command="python -m lablib frontier",
         not_yet_on_the_frontier=NOT_YET,
