@@ -122,7 +122,7 @@ def test_compression_runs_store_the_same_budget(tmp_cache):
     biases = 128 + 128 + 10
     assert rps["stored"] == round(0.02 * weights) + biases
     assert abs(pruned["stored"] - rps["stored"]) <= 3  # per-layer rounding of kept weights
-    assert abs(small["stored"] - rps["stored"]) < 0.05 * rps["stored"]
+    assert abs(small["stored"] - rps["stored"]) <= 1100 / 2  # one unit of width moves the count by ~1100
     assert all(0 <= r["accuracy"] <= 1 for r in (rps, pruned, small))
     with pytest.raises(ValueError, match="compression"):
         sx.compression_run(method="rps", compression=0.0, checkpoint_cache=tmp_cache)
