@@ -31,6 +31,9 @@ primitives under PEFT's names (`prune`, `calculate_majority_sign_mask`, `disjoin
 
 Where PEFT, mergekit and the papers' code compute TIES and DARE differently, each difference is an option and
 `convention="peft" | "mergekit" | "official"` picks a consistent set (table in `lablib.merging.methods`).
+`wemoe` (Tang et al., *Merging Multi-Task Models via Weight-Ensembling Mixture of Experts*, ICML 2024,
+[arXiv:2402.00433](https://arxiv.org/abs/2402.00433)) merges everything but the MLPs by task arithmetic and turns each
+MLP into an input-routed ensemble over the task vectors, with a `lablib.moe` router trained by `train_wemoe_router`.
 `merge_safetensors` merges safetensors checkpoints (files or folders of shards) one tensor at a time, equal to the
 in-memory merge; `python -m lablib merge --method ties --base B --models A1 A2 --out DIR` is its command line.
 
@@ -91,6 +94,7 @@ from lablib.merging.permutation import (
     permute_hidden_units,
     weight_matching,
 )
+from lablib.merging.wemoe import WeightEnsemblingMoE, WEMoETraining, train_wemoe_router, wemoe, wemoe_modules
 from lablib.merging.streaming import STREAMABLE, StreamingMergeReport, merge_safetensors
 from lablib.merging.primitives import (
     RESCALE_NORMS,
@@ -166,6 +170,12 @@ __all__ = [
     "interpolate",
     "InterpolationCurve",
     "interpolation_curve",
+    # WEMoE
+    "WeightEnsemblingMoE",
+    "WEMoETraining",
+    "wemoe",
+    "wemoe_modules",
+    "train_wemoe_router",
     # streaming safetensors merge
     "STREAMABLE",
     "StreamingMergeReport",
