@@ -54,13 +54,15 @@ print(f"lablib {lablib.__version__}, torch {torch.__version__}, static figures: 
 # A vanilla model of depth L = 6 has six blocks. A recursive one keeps six block *modules* (so `blocks[d]` is still
 # depth d), but assigns the same `nn.Parameter` objects to every depth that shares a unique block. With K = 2 unique
 # blocks and N = 3 recursions, CYCLE sharing uses blocks A B A B A B (the whole stack looped), SEQUENCE uses
-# A A A B B B (each block repeated in place). Why not just call one module three times? Because a per-depth adapter
-# (section 1.3) must be able to wrap `blocks[2].attn.qkv` without wrapping `blocks[0].attn.qkv` too.
+# A A A B B B (each block repeated in place); the `middle_*` variants keep the first and last layers unique and share
+# the ones in between. Why not just call one module three times? Because a per-depth adapter (section 1.3) must be
+# able to wrap `blocks[2].attn.qkv` without wrapping `blocks[0].attn.qkv` too.
 
 # %%
 config = rx.model_config()  # d_model 48, 4 heads, seq_len 48, bytes; n_layers = effective depth 6
 for sharing in rec.SHARINGS:
-    print(f"{sharing:>8}: depth -> unique block {rec.block_schedule(num_unique=2, num_recursion=3, sharing=sharing)}")
+    schedule = rec.block_schedule(num_unique=2, num_recursion=3, sharing=sharing)
+    print(f"{sharing:>15}: depth -> unique block {schedule} (L = {len(schedule)})")
 torch.manual_seed(0)
 vanilla = models.TinyTransformer(config)
 tied = rec.RecursiveTransformer.from_vanilla(vanilla, num_recursion=3, sharing="cycle", initialization="stepwise")
