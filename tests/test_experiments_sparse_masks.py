@@ -68,7 +68,7 @@ def test_record_and_compare_with_the_live_subset(tiny, tmp_path, monkeypatch):
     problems = sx.compare_with_recorded(live, recorded.result)
     assert len(problems) == 1 and "learned 2:4" in problems[0]
     verdicts = sx.sparse_verdicts(recorded.result)
-    assert set(verdicts) == {"learned_nm", "fish", "grafting"}
+    assert set(verdicts) == {"learned_nm", "fish", "fish_vs_full", "grafting"}
     assert all(isinstance(v, Verdict) for v in verdicts.values())
     with pytest.raises(FileNotFoundError, match="sweep sparse-masks"):
         sx.recorded_sparse_masks(tmp_path / "missing.json")
@@ -93,6 +93,13 @@ def test_verdicts_follow_the_numbers():
     assert holds["grafting"].verdict.startswith("inconclusive")
     assert holds["grafting"].numbers["recovery_at_tiny"] == pytest.approx([0.6, 0.4])
     assert sx.sparse_verdicts(_result([(2.2, 2.0), (2.3, 2.0)]))["learned_nm"].verdict == "does not hold at this scale"
+    # FISH 2.5 vs full 2.0: half a nat behind on both seeds, half of the improvement kept
+    assert holds["fish_vs_full"].verdict == "does not hold at this scale"
+    assert holds["fish_vs_full"].numbers["recovery"] == pytest.approx([0.5, 0.5])
+    close = _result([(2.0, 2.1), (2.0, 2.2)])
+    for run in close.runs.values():
+        run["finetune"]["fish"] = 2.03
+    assert sx.sparse_verdicts(close)["fish_vs_full"].verdict == "holds"
     assert sx.sparse_verdicts(_result([(2.0, 2.1), (2.1, 2.0)]))["learned_nm"].verdict.startswith("inconclusive")
     with pytest.raises(ValueError, match="at least two seeds"):
         sx.sparse_verdicts(_result([(2.0, 2.1)]))

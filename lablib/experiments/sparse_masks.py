@@ -50,6 +50,7 @@ LIVE_PARTS = ("one_shot", "nm")  # what the lab re-runs (seed 0): one base model
 LIVE_TOLERANCE = 0.02  # nats; covers another CPU's last bits (same machine, same threads: identical)
 MOST = 0.5  # "recovers most of the fine-tune": at least half of the loss improvement
 TINY = 0.01  # "a tiny fraction of the weights": at most 1 %
+MATCH = 0.05  # nats: "matches" = within about the seed-to-seed spread of these models (lab 08, lab 09)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,6 +136,10 @@ def nm_losses(model: torch.nn.Module, *, tokens: torch.Tensor, val: torch.Tensor
                                      steps=LEARNED_NM["steps"], lr=LEARNED_NM["lr"], n=2, m=4, seed=seed,
                                      progress=False)
     masks = {"magnitude 2:4": magnitude, "wanda 2:4": wanda, "learned 2:4": learned.mask}
+    for label, mask in masks.items():  # every mask compared here is a valid 2:4 mask of every prunable weight
+        bad = [name for name in sparse.prunable_names(model) if not sparse.is_nm_mask(mask[name], n=2, m=4)]
+        if bad:
+            raise RuntimeError(f"the {label} mask is not 2:4 on {bad}")
     # how far the learned pattern moved from its magnitude prior: the share of groups of 4 whose pattern changed
     changed = sum(int((learned.mask[n] != magnitude[n]).reshape(-1, 4).any(dim=-1).sum()) for n in magnitude)
     groups = sum(magnitude[n].numel() // 4 for n in magnitude)
@@ -312,6 +317,20 @@ def sparse_verdicts(result: SparseResult) -> dict[str, Verdict]:
             what="random-mask minus FISH loss"),
     }
     runs = [result.runs[str(s)]["finetune"] for s in result.seeds]
+    # FISH's headline: its 0.5 % mask matches full fine-tuning. "Matches" = within MATCH nats of it on every seed
+    gaps = [r["fish"] - r["full"] for r in runs]
+    kept = [recovery(r["base"], r["full"], r["fish"]) for r in runs]
+    claim = f"fine-tuning FISH's {FINETUNE['fish_density']:.1%} matches full fine-tuning (within {MATCH} nats)"
+    detail = ("FISH minus full loss: " + ", ".join(f"{g:+.3f}" for g in gaps) + " nats; share of the full "
+              "fine-tune's improvement: " + ", ".join(f"{k:.0%}" for k in kept))
+    numbers = dict(gaps=gaps, recovery=kept)
+    if all(g <= MATCH for g in gaps):
+        out["fish_vs_full"] = Verdict(claim, "holds", f"every seed agrees; {detail}", numbers)
+    elif all(g > MATCH for g in gaps):
+        out["fish_vs_full"] = Verdict(claim, "does not hold at this scale", f"every seed disagrees; {detail}", numbers)
+    else:
+        out["fish_vs_full"] = Verdict(claim, "inconclusive (within seed spread)", f"the seeds split; {detail}",
+                                      numbers)
     fractions = [smallest_fraction_recovering(run) for run in runs]
     at_tiny = [recovery(r["base"], r["full"], r["graft"][r["graft_fractions"].index(TINY)]) for r in runs]
     detail = (f"recovery with {TINY:.0%} of the weights grafted: " + ", ".join(f"{x:.0%}" for x in at_tiny)
