@@ -190,3 +190,18 @@ def test_lazy_backend_import_failure_is_a_clear_error(monkeypatch):
     # the triton backend registers itself on first use
     assert moe.Experts(num_experts=2, d_model=4, d_hidden=4, backend="triton").backend == "triton"
     assert moe.EXPERT_BACKENDS["triton"] is tm.triton_expert_backend
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is only switched on without CUDA")
+def test_a_triton_imported_before_the_interpreter_was_on_gives_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import triton\nimport lablib.kernels.triton_moe"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "set TRITON_INTERPRET=1" in run.stderr, run.stderr[-2000:]
+    fine = subprocess.run([sys.executable, "-c", "import lablib.kernels.triton_moe as tm; import triton;"
+                           "assert tm.interpreter_mode()"], env=env, capture_output=True, text=True, timeout=300)
+    assert fine.returncode == 0, fine.stderr[-2000:]

@@ -32,12 +32,21 @@ the kernels take fp32/fp16 only and bf16 is checked on a GPU (`tests/test_kernel
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    # Triton has no CPU backend; its interpreter runs kernels with numpy. Must be set before @triton.jit runs.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    # Triton has no CPU backend; its interpreter runs kernels with numpy. It must be on before triton is imported:
+    # a triton imported earlier (peft and transformers import it) fails inside every kernel with "Cannot call
+    # @triton.jit'd outside of the scope of a kernel", so say what to do instead.
+    if "triton" in sys.modules:
+        raise ImportError(
+            "lablib.kernels.triton_moe needs Triton's CPU interpreter here (no CUDA), but triton was already imported "
+            "without it (by another package, e.g. peft or transformers): set TRITON_INTERPRET=1 in the environment "
+            "before starting Python, or import lablib.kernels before that package"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
