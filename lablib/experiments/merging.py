@@ -240,8 +240,11 @@ def independent_pair(seed: int = 0, *, progress: bool = False) -> tuple[dict, di
     states = []
     for init in (2 * seed + 1, 2 * seed + 2):
         config = dict(kind="merging-align", init=init, hidden=list(ALIGN_HIDDEN), steps=ALIGN_STEPS, data_seed=seed)
-        m, _, _ = cached_train(config, build=_build(init, ALIGN_HIDDEN), fit=lambda m, init=init: train.train_classifier(
-            m, d, steps=ALIGN_STEPS, lr=3e-3, seed=init, progress=progress).to_dict())
+
+        def fit(m, init=init) -> dict:
+            return train.train_classifier(m, d, steps=ALIGN_STEPS, lr=3e-3, seed=init, progress=progress).to_dict()
+
+        m, _, _ = cached_train(config, build=_build(init, ALIGN_HIDDEN), fit=fit)
         states.append({k: v.detach().clone() for k, v in m.state_dict().items()})
     return states[0], states[1], d
 
