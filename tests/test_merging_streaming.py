@@ -160,3 +160,14 @@ def test_cli_merges_end_to_end(checkpoints, tmp_path, capsys):
     # a bad option fails with a readable message, exit code 2
     assert main(["merge", "--method", "ties", "--models", str(paths[1]), "--out", str(tmp_path / "x")]) == 2
     assert "needs a base" in capsys.readouterr().err
+
+
+def test_reader_rejects_broken_files(tmp_path):
+    (tmp_path / "junk.safetensors").write_bytes(b"abc")
+    with pytest.raises(ValueError, match="shorter than 8 bytes"):
+        SafetensorsReader(tmp_path / "junk.safetensors")
+    save_file({"w": torch.ones(100)}, str(tmp_path / "t.safetensors"))
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-40])
+    with pytest.raises(ValueError, match="truncated at key 'w'"):
+        SafetensorsReader(tmp_path / "t.safetensors").get("w")

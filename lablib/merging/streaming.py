@@ -17,7 +17,8 @@ need all keys at once are refused with the reason: `fisher` (needs Fisher state 
 The output header is written before any tensor: shapes and dtypes are the base's (the merge contract keeps the
 reference's dtypes), so the writer never holds more than the tensor it is writing. The file follows the safetensors
 format (8-byte little-endian header length, JSON header with `dtype`, `shape`, `data_offsets`, then the raw
-little-endian bytes), read back by `safetensors.safe_open` in the tests.
+little-endian bytes), read back by `safetensors` in the tests. Reading and writing use plain file I/O, so the
+module needs no safetensors package and no memory map.
 
 Command line: `python -m lablib merge --method ties --base B --models A1 A2 --out DIR --density 0.2`.
 """
@@ -51,18 +52,28 @@ _DTYPE_NAMES = {
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
-def _safe_open():
-    try:
-        from safetensors import safe_open
-    except ImportError as error:  # pragma: no cover - safetensors is in the lock
-        raise ImportError("streaming merges read safetensors files: pip install safetensors") from error
-    return safe_open
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (key -> {dtype, shape, data_offsets}) and where its data starts."""
+    with open(path, "rb") as handle:
+        raw = handle.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        (length,) = struct.unpack("<Q", raw)
+        if length > 100_000_000:
+            raise ValueError(f"{path} is not a safetensors file (header length {length})")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a safetensors file (bad header: {error})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + length
 
 
 class SafetensorsReader:
     """A safetensors checkpoint (a file, or a folder of `*.safetensors` shards) read one tensor at a time.
 
-    Keys are listed from the headers only; `get(key)` memory-maps the shard and copies out that one tensor.
+    Keys, shapes and dtypes come from the headers only; `get(key)` seeks to that tensor and reads just its bytes with
+    plain file reads (no memory map, so pages of other tensors never count toward the process's memory).
     """
 
     def __init__(self, path: str | os.PathLike, *, name: str = "model") -> None:
@@ -76,19 +87,23 @@ class SafetensorsReader:
             files = [self.path]
         else:
             raise FileNotFoundError(f"{name}: {self.path} is neither a safetensors file nor a folder of them")
-        safe_open = _safe_open()
-        self._handles = {file: safe_open(str(file), framework="pt") for file in files}
         self.file_of: dict[str, Path] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, torch.dtype] = {}
-        for file, handle in self._handles.items():
-            for key in handle.keys():
+        self._where: dict[str, tuple[int, int]] = {}
+        for file in files:
+            header, data_start = _read_header(file)
+            for key in sorted(header, key=lambda k: header[k]["data_offsets"][0]):
+                entry = header[key]
                 if key in self.file_of:
                     raise ValueError(f"{name}: key {key!r} appears in two shards ({self.file_of[key]} and {file})")
+                if entry["dtype"] not in _DTYPES:
+                    raise TypeError(f"{name}: key {key!r} has dtype {entry['dtype']}, which lablib cannot merge")
+                begin, end = entry["data_offsets"]
                 self.file_of[key] = file
-                view = handle.get_slice(key)
-                self.shape[key] = tuple(view.get_shape())
-                self.dtype[key] = _DTYPES[view.get_dtype()]
+                self.shape[key] = tuple(int(n) for n in entry["shape"])
+                self.dtype[key] = _DTYPES[entry["dtype"]]
+                self._where[key] = (data_start + begin, end - begin)
 
     def keys(self) -> list[str]:
         return list(self.file_of)
@@ -96,13 +111,21 @@ class SafetensorsReader:
     def get(self, key: str) -> torch.Tensor:
         if key not in self.file_of:
             raise StateDictMismatchError(f"{self.name} has no key {key!r}")
-        return self._handles[self.file_of[key]].get_tensor(key)
+        offset, size = self._where[key]
+        buffer = bytearray(size)
+        with open(self.file_of[key], "rb") as handle:
+            handle.seek(offset)
+            if handle.readinto(buffer) != size:
+                raise ValueError(f"{self.name}: {self.file_of[key]} is truncated at key {key!r}")
+        dtype = self.dtype[key]
+        if size == 0:
+            return torch.empty(self.shape[key], dtype=dtype)
+        storage = torch.uint8 if dtype == torch.bool else dtype
+        tensor = torch.frombuffer(buffer, dtype=storage).reshape(self.shape[key])
+        return tensor.to(torch.bool) if dtype == torch.bool else tensor
 
     def nbytes(self) -> int:
-        return sum(
-            int(torch.Size(shape).numel()) * torch.empty((), dtype=self.dtype[k]).element_size()
-            for k, shape in self.shape.items()
-        )
+        return sum(size for _, size in self._where.values())
 
 
 def _check_streams(reference: SafetensorsReader, others: Sequence[SafetensorsReader]) -> None:
