@@ -151,6 +151,24 @@ def _check_streams(reference: SafetensorsReader, others: Sequence[SafetensorsRea
                 )
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim) so RSS tracks what is live, not what glibc keeps
+    after a key's tensors of mixed sizes fragmented its heap. A no-op where there is no glibc."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
 def _header(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
     header: dict[str, Any] = {}
     if metadata:
@@ -270,6 +288,7 @@ def merge_safetensors(
             handle.write(data)
             bytes_written += len(data)
             del base_state, model_states, merged, data
+            _release_freed_memory()
     return StreamingMergeReport(
         path=out, method=method, params=params, num_tensors=len(keys), bytes_read=bytes_read,
         bytes_written=bytes_written, largest_tensor_bytes=largest, seconds=time.perf_counter() - start,
