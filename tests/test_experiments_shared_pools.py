@@ -76,6 +76,10 @@ def test_widenet_verdict_rules():
     v = sx.widenet_verdict(lm_result({**base, "widenet_individual": [2.0, 2.05, 2.02],
                                       "widenet_shared": [2.03, 2.01, 2.04]}))
     assert v.verdict == "inconclusive (within seed spread)"
+    # paired: seed-to-seed variation shared by both variants does not hide a consistent per-seed gap
+    v = sx.widenet_verdict(lm_result({**base, "widenet_individual": [2.7, 2.8, 2.5],
+                                      "widenet_shared": [2.9, 3.0, 2.7]}))
+    assert v.verdict == "holds" and v.numbers["paired_differences"] == pytest.approx([0.2, 0.2, 0.2])
 
 
 def pareto(acc: dict[str, dict[float, list[float]]], dense=(0.98, 0.98, 0.98)) -> sx.ParetoResult:
