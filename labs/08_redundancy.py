@@ -272,20 +272,21 @@ for name, expected in FOUND.items():
 # %% [markdown]
 # **What we found.**
 # * *Attention vs MLP*: at this scale the claim **does not reproduce**. In the dense model dropping the k most similar
-#   attention sublayers costs about as much as dropping k MLPs, slightly *more* in every seed (by ~0.01 nats, at the
-#   edge of our 0.01 threshold: inconclusive); in the MoE model attention is clearly *less* droppable than the MoE
+#   attention sublayers costs about as much as dropping k MLPs, slightly *more* in every seed (by 0.004-0.016 nats,
+#   around our 0.01 threshold: inconclusive); in the MoE model attention is clearly *less* droppable than the MoE
 #   FFNs (does not hold). Both curves stay flat for the first two or three drops, so much of the depth *is* redundant
 #   here, but attention is not the more redundant part. The similarity scores agree: the deep attention and MLP
 #   sublayers both score 0.98-0.99, and only the first MLP (which turns embeddings into features, S ≈ 0.3-0.5) is
 #   indispensable.
 # * *Deep vs shallow routers*: the claim **holds** in every seed, but the numbers show why: randomising layer 0's
-#   router costs about 0.65 nats, while layers 1-5 each cost only 0.02-0.06. Leave layer 0 out and compare layers
-#   1-2 with 4-5: the deeper pair is still cheaper in every seed, but by only 0.01-0.015 nats, below our threshold
+#   router costs 0.63-0.70 nats, while layers 1-5 each cost only 0.01-0.06. Leave layer 0 out and compare layers
+#   1-2 with 4-5: the deeper pair is still cheaper in every seed, but by only 0.007-0.013 nats, below our threshold
 #   in one seed (inconclusive). It is "the first layer's router matters", more than a steady decline with depth.
-# * *Expert merging* (panel above, recorded seeds alike): merging 8 experts into 7 per layer costs about 0.05 nats,
-#   every further step about 0.1; no pair of experts is a duplicate at this scale. Frequency-weighted averaging and
-#   the rank-16 shared-basis merge are within 0.02 nats of each other (at full rank they are equal by
-#   construction), and both beat keeping one expert per cluster ("prune") at 1 and 2 experts per layer in every seed.
+# * *Expert merging* (panel above, recorded seeds alike): merging 8 experts into 7 per layer already costs
+#   0.05-0.17 nats and every further step about 0.1; no pair of experts is a duplicate at this scale.
+#   Frequency-weighted averaging and the rank-16 shared-basis merge are within 0.02 nats of each other (at full rank
+#   they are equal by construction); keeping only each cluster's most used expert ("prune") beats both in two seeds
+#   and loses in the third, so at this scale merging does not reliably beat pruning.
 #
 # Why the toy may differ from the paper: our models are 6 layers, d_model 64, trained 300 steps, while "What Matters"
 # studies 7B-70B models trained on trillions of tokens, whose attention similarity grows with depth and training. In

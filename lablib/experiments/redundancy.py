@@ -20,9 +20,10 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -43,6 +44,19 @@ CALIBRATION_WINDOWS = 16
 MERGE_METHODS = ("average", "subspace", "prune")
 MERGE_RANK = 16
 RECORDED_SEEDS = (0, 1, 2)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one torch thread (restored afterwards): float sums then repeat bit for bit between the recording and
+    a live run whatever the machine's thread count, and two threads cannot spin against each other on a busy
+    2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,7 +103,7 @@ def train_model(
 ) -> TrainedLM:
     """Train (or load from the cache) one model of the lab on Shakespeare + Python."""
     splits = data.text_corpus(list(CORPORA), max_chars=max_chars)
-    run = dict(experiment="redundancy_lm", kind=kind, model={**MODEL_DEFAULTS, **(model or {})},
+    run = dict(experiment="redundancy_lm", threads=1, kind=kind, model={**MODEL_DEFAULTS, **(model or {})},
                moe=({**MOE_DEFAULTS, **(moe_options or {})} if kind == "moe" else None), corpora=list(CORPORA),
                max_chars=max_chars, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
 
@@ -98,9 +112,10 @@ def train_model(
                                  eval_every=max(steps // 3, 1), progress=progress)
         return history.to_dict()
 
-    trained, meta, from_cache = cache_mod.cached_train(
-        run, build=lambda: build_model(kind, seed=seed, model=model, moe_options=moe_options), fit=fit,
-        cache=checkpoint_cache)
+    with one_thread():
+        trained, meta, from_cache = cache_mod.cached_train(
+            run, build=lambda: build_model(kind, seed=seed, model=model, moe_options=moe_options), fit=fit,
+            cache=checkpoint_cache)
     trained.eval()
     return TrainedLM(model=trained, history=train.History.from_dict(meta),
                      param_ledger=ledger.ledger(trained, name=f"{kind} LM"), from_cache=from_cache)
@@ -205,20 +220,23 @@ def redundancy_run(
     use_cache: bool = True,
     checkpoint_cache: cache_mod.CheckpointCache | None = None,
 ) -> dict:
-    """All of lab 08's numbers for one seed (a JSON dict; see the module docstring). Cached by its configuration.
+    """All of lab 08's numbers for one seed (a JSON dict; see the module docstring). Cached by its configuration;
+    computed on one torch thread (`one_thread`).
 
     `model` / `moe_options` override `MODEL_DEFAULTS` / `MOE_DEFAULTS` (the tests use tiny models)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    config = dict(experiment="redundancy", seed=seed, steps=steps, model={**MODEL_DEFAULTS, **(model or {})},
+    config = dict(experiment="redundancy", threads=1, seed=seed, steps=steps,
+                  model={**MODEL_DEFAULTS, **(model or {})},
                   moe={**MOE_DEFAULTS, **(moe_options or {})},
                   train={**TRAIN_DEFAULTS, "steps": steps}, eval_batches=EVAL_BATCHES,
                   merge_eval_batches=MERGE_EVAL_BATCHES, calibration_windows=CALIBRATION_WINDOWS,
                   merge_methods=list(MERGE_METHODS), merge_rank=MERGE_RANK)
 
     def compute() -> dict:
-        return dict(config=config, **_analyse(seed, steps=steps, model=model, moe_options=moe_options,
-                                              progress=progress, checkpoint_cache=checkpoint_cache))
+        with one_thread():
+            return dict(config=config, **_analyse(seed, steps=steps, model=model, moe_options=moe_options,
+                                                  progress=progress, checkpoint_cache=checkpoint_cache))
 
     if use_cache:
         return cache_mod.cached_json(config, compute, cache=checkpoint_cache)
@@ -356,7 +374,7 @@ def record_redundancy(path: Path | None = None, *, progress: bool = True) -> Pat
                   flush=True)
     record = dict(
         recorded=dt.date.today().isoformat(),
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, one torch thread, {platform.platform()}",
         versions=dict(lablib=lablib.__version__, torch=torch.__version__, python=platform.python_version()),
         command="python -m lablib sweep redundancy",
         result=dict(seeds=list(RECORDED_SEEDS), runs=runs),
