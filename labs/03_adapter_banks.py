@@ -30,7 +30,7 @@
 import torch
 
 import lablib
-from lablib import adapters, data, ledger, models, viz
+from lablib import adapters, ledger, models, viz
 from lablib.experiments import adapter_banks as ab
 from lablib.viz import adapters as vad
 
@@ -68,11 +68,9 @@ print(f"whole adapted model: {ledger.ledger(lora).total:,} parameters, of which 
 # sub-vector (far more than it stores), then keeps only the top-k indices and weights.
 
 # %%
-rows = []
 for kind in ab.KINDS:
     adapted = adapters.attach_adapters(model, ab.kind_config(kind, 1))
     counts = adapters.adapter_ledger(adapted)
-    rows.append(counts)
     print(f"{kind:<9} stored {counts.stored:>6,}  trainable {counts.trainable:>6,}  "
           f"banks {sorted(adapted.adapter_banks) or '-'}")
 
@@ -181,11 +179,13 @@ for name, v in found.items():
 for kind in ("mos", "vblora"):
     for level in recorded.levels:
         eq = ab.lora_equivalent_budget(recorded, kind=kind, level=level)
-        saving = "outside LoRA's range" if eq is None else f"LoRA needs ~{eq:,.0f} ({eq / recorded.stored[kind][str(level)]:.2f}x)"
-        print(f"  {kind} at {recorded.stored[kind][str(level)]:,} stored: {saving}")
+        stored = recorded.stored[kind][str(level)]
+        saving = "outside LoRA's range" if eq is None else f"LoRA needs ~{eq:,.0f} ({eq / stored:.2f}x)"
+        print(f"  {kind} at {stored:,} stored: {saving}")
 # the orderings this lab found, asserted so a change in the code or the environment cannot slip by unnoticed
 assert {name: v.verdict for name, v in found.items()} == {
-    "mos_vs_lora": "holds", "vblora_vs_lora": "does not hold at this scale", "mos_ablation": "does not hold at this scale"}
+    "mos_vs_lora": "holds", "vblora_vs_lora": "does not hold at this scale",
+    "mos_ablation": "does not hold at this scale"}
 
 # %% [markdown]
 # **What we found.** MoS's saving over LoRA **holds** at toy scale, but it is modest: about 1.4-1.6x (LoRA needs

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -222,8 +223,6 @@ def lora_equivalent_budget(result: AdapterBankResult, *, kind: str, level: int) 
     loss between its budgets); None outside LoRA's range. Divided by `kind`'s stored count it is the saving factor."""
     target = result.mean_loss(kind, level)
     points = sorted((result.stored["lora"][str(lv)], result.mean_loss("lora", lv)) for lv in result.levels)
-    import math
-
     for (b0, l0), (b1, l1) in zip(points, points[1:]):
         if min(l0, l1) <= target <= max(l0, l1) and l0 != l1:
             t = (target - l0) / (l1 - l0)
