@@ -173,7 +173,7 @@ print("ledger checks passed")
 #
 # The three comparisons train 8 LM variants, 4 compressions x 3 methods and 10 embedding models, each with 3 seeds:
 # far beyond the lab's budget. They were recorded with `python -m lablib sweep shared-pools`; the lab re-runs a
-# seed-0 subset (the per-layer MoE and the pool of 8, RPS / pruning / smaller model at 2 %, two embedding runs) and
+# seed-0 subset (the pool of 8, RPS / pruning / smaller model at 2 %, two embedding runs) and
 # checks it against the recording.
 #
 # * **LMs**: 4 layers, d_model 32, bytes of Shakespeare + Python, 400 steps at batch 32. Per-layer MoE: 4 experts of
@@ -184,7 +184,7 @@ print("ledger checks passed")
 
 # %%
 recorded = sx.recorded_shared_pools()
-live_lm = sx.lm_sweep(variants=("per_layer", "pool_8"), seeds=(0,))
+live_lm = sx.lm_sweep(variants=("pool_8",), seeds=(0,))
 live_pareto = sx.compression_pareto(compressions=(0.02,), seeds=(0,))
 live_embedding = sx.embedding_sweep(rows=(128,), seeds=(0,))
 print(sx.format_lm_table(live_lm))
