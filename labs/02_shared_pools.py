@@ -35,6 +35,7 @@
 # Setup: imports, seeds, lablib version, renderer. LABLIB_STATIC=1 draws static figures (nbval, nbconvert).
 import dataclasses
 
+import ipywidgets as widgets
 import torch
 
 import lablib
@@ -221,7 +222,7 @@ params_of = dict(zip(sizes, pool_points["UniPool (NormRouter, pool loss)"]["para
 viz.interact_figure(lambda pool_size=8: vp.pool_size_figure(pool_points, selected_params=params_of[pool_size],
                                                             title=f"pool of {pool_size} = {pool_size / 16:.0%} of the "
                                                                   "per-layer experts"),
-                    pool_size=sizes)
+                    pool_size=widgets.SelectionSlider(options=list(sizes), value=8, continuous_update=False))
 
 # %% [markdown]
 # **The same experts, used differently by depth.** Each row is one layer of the live pool-8 model: the share of its
@@ -241,7 +242,8 @@ points = sx.pareto_points(recorded.pareto)
 stored_at = {c: recorded.pareto.stored["rps"][str(c)] for c in recorded.pareto.compressions}
 viz.interact_figure(lambda compression=0.02: vp.pareto_figure(points, selected_stored=stored_at[compression],
                                                              title=f"stored fraction {compression:g}"),
-                    compression=sorted(recorded.pareto.compressions))
+                    compression=widgets.SelectionSlider(options=sorted(recorded.pareto.compressions), value=0.02,
+                                                        continuous_update=False))
 
 # %% [markdown]
 # **WideNet's LayerNorms.** Switch between individual and shared LayerNorms (recorded, 3 seeds each).
