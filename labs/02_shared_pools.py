@@ -35,7 +35,6 @@
 # Setup: imports, seeds, lablib version, renderer. LABLIB_STATIC=1 draws static figures (nbval, nbconvert).
 import dataclasses
 
-import ipywidgets as widgets
 import torch
 
 import lablib
@@ -219,10 +218,14 @@ print(sx.format_lm_table(recorded.lm))
 pool_points = sx.pool_size_points(recorded.lm)
 sizes = pool_points["UniPool (NormRouter, pool loss)"]["pool_size"]
 params_of = dict(zip(sizes, pool_points["UniPool (NormRouter, pool loss)"]["params"]))
-viz.interact_figure(lambda pool_size=8: vp.pool_size_figure(pool_points, selected_params=params_of[pool_size],
-                                                            title=f"pool of {pool_size} = {pool_size / 16:.0%} of the "
-                                                                  "per-layer experts"),
-                    pool_size=widgets.SelectionSlider(options=list(sizes), value=8, continuous_update=False))
+def pool_panel(pool_size=8):
+    # the slider moves in steps of 2; it marks the nearest recorded pool size
+    nearest = min(sizes, key=lambda size: abs(size - pool_size))
+    return vp.pool_size_figure(pool_points, selected_params=params_of[nearest],
+                               title=f"pool of {nearest} = {nearest / 16:.0%} of the per-layer experts")
+
+
+viz.interact_figure(pool_panel, pool_size=(min(sizes), max(sizes), 2))
 
 # %% [markdown]
 # **The same experts, used differently by depth.** Each row is one layer of the live pool-8 model: the share of its
@@ -235,15 +238,14 @@ vp.pool_usage_figure(usage)
 
 # %% [markdown]
 # **RPS vs pruning vs a smaller model.** Accuracy against stored parameters (log scale) at the recorded
-# compressions, mean of 3 seeds; the slider marks one compression.
+# compressions, mean of 3 seeds; the menu marks one compression.
 
 # %%
 points = sx.pareto_points(recorded.pareto)
 stored_at = {c: recorded.pareto.stored["rps"][str(c)] for c in recorded.pareto.compressions}
 viz.interact_figure(lambda compression=0.02: vp.pareto_figure(points, selected_stored=stored_at[compression],
                                                              title=f"stored fraction {compression:g}"),
-                    compression=widgets.SelectionSlider(options=sorted(recorded.pareto.compressions), value=0.02,
-                                                        continuous_update=False))
+                    compression=sorted(recorded.pareto.compressions))
 
 # %% [markdown]
 # **WideNet's LayerNorms.** Switch between individual and shared LayerNorms (recorded, 3 seeds each).

@@ -132,11 +132,12 @@ print("live run agrees with the recorded sweep (same stored counts, losses withi
 # %% [markdown]
 # ## 4. Play with it
 #
-# **Budget slider.** Pick a stored-parameter budget: the curves are every kind's adapted loss (mean over the recorded
+# **Budget slider.** Pick a stored-parameter budget (as log₂: 12, 13, 14 are 4k, 8k, 16k numbers): the curves are every kind's adapted loss (mean over the recorded
 # seeds, bars = seed range), and each kind's point at that budget is enlarged. Precomputed, so it answers at once.
 
 # %%
-def budget_panel(budget=8192):
+def budget_panel(log2_budget=13):
+    budget = 2 ** log2_budget  # 4,096 / 8,192 / 16,384 stored numbers: LoRA at r = 1, 2, 4
     curves = {}
     for kind in recorded.kinds:
         losses = [list(recorded.val_loss[kind][str(lv)].values()) for lv in recorded.levels]
@@ -146,7 +147,7 @@ def budget_panel(budget=8192):
     return vad.budget_figure(curves, selected=budget, base_loss=recorded.base_val_loss)
 
 
-viz.interact_figure(budget_panel, budget=[4096, 8192, 16384])
+viz.interact_figure(budget_panel, log2_budget=(12, 14))
 
 # %% [markdown]
 # **Bank usage.** Which bank entries each layer picks after training (seed 0): VB-LoRA's 16-number vectors (A factor
