@@ -38,6 +38,7 @@ import torch
 from lablib import cache as cache_mod
 from lablib import data, ledger, models, moe, train
 from lablib.experiments.foundations import Verdict
+from lablib.experiments.seeded import SeededLosses
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RECORD_FILE = "moe_routers.json"
@@ -620,7 +621,7 @@ def balance_figure(result: BalanceResult, *, method: str, bias_update_rate: floa
 
 
 @dataclass
-class EquifinalityResult:
+class EquifinalityResult(SeededLosses):
     """Validation loss per variant and seed (string keys, for JSON), and each variant's parameter ledger.
 
     `ledger[variant]` = {"total", "active_per_token", "router"} (router: learned router parameters).
@@ -632,23 +633,6 @@ class EquifinalityResult:
     val_loss_by_corpus: dict[str, dict[str, dict[str, float]]]
     ledger: dict[str, dict[str, int]]
     config: dict = field(default_factory=dict)
-
-    def values(self, variant: str) -> list[float]:
-        return [self.val_loss[variant][str(s)] for s in self.seeds]
-
-    def mean(self, variant: str) -> float:
-        return statistics.fmean(self.values(variant))
-
-    def seed_range(self, variant: str) -> float:
-        values = self.values(variant)
-        return max(values) - min(values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "EquifinalityResult":
-        return cls(**raw)
 
     def subset(self, *, variants: Sequence[str], seeds: Sequence[int]) -> "EquifinalityResult":
         """The same result restricted to some variants and seeds (to compare a live run with the recording)."""

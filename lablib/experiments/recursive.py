@@ -22,7 +22,7 @@ import json
 import os
 import statistics
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -31,6 +31,7 @@ import torch
 from lablib import cache as cache_mod
 from lablib import data, models, train
 from lablib.experiments.foundations import Verdict
+from lablib.experiments.seeded import SeededLosses
 from lablib.recursive import (
     MixtureOfDepthsTransformer,
     MixtureOfRecursionsTransformer,
@@ -226,7 +227,7 @@ def _mean_depth(model: models.TinyTransformer, tokens: torch.Tensor, *, batch_si
 
 
 @dataclass
-class SweepResult:
+class SweepResult(SeededLosses):
     """Validation loss per variant and seed (string keys, for JSON) and each variant's budget row."""
 
     variants: list[str]
@@ -235,23 +236,6 @@ class SweepResult:
     budget: dict[str, dict[str, float]]
     mean_depth: dict[str, dict[str, float]] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
-
-    def values(self, variant: str) -> list[float]:
-        return [self.val_loss[variant][str(s)] for s in self.seeds]
-
-    def mean(self, variant: str) -> float:
-        return statistics.fmean(self.values(variant))
-
-    def seed_range(self, variant: str) -> float:
-        v = self.values(variant)
-        return max(v) - min(v)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "SweepResult":
-        return cls(**raw)
 
     def subset(self, *, variants: Sequence[str], seeds: Sequence[int]) -> "SweepResult":
         missing = [f"{v} seed {s}" for v in variants for s in seeds

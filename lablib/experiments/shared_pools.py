@@ -26,7 +26,6 @@ embeddings. Callable at tiny sizes (the tests do) and cached by configuration, s
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from lablib import cache as cache_mod
 from lablib import data, ledger, models, moe, pools, sparse, train
 from lablib.experiments.foundations import Verdict
+from lablib.experiments.seeded import SeededLosses
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RECORD_FILE = "shared_pools.json"
@@ -150,7 +150,7 @@ def train_pool_lm(*, variant: str, seed: int = 0, steps: int = TRAIN_DEFAULTS["s
 
 
 @dataclass
-class LMSweepResult:
+class LMSweepResult(SeededLosses):
     """Validation loss per variant and seed (string keys, for JSON) and each variant's ledger
     (`{"total", "active_per_token", "stored", "flops_per_token", "experts"}`; experts = stored expert tensors)."""
 
@@ -159,23 +159,6 @@ class LMSweepResult:
     val_loss: dict[str, dict[str, float]]
     ledger: dict[str, dict[str, int]]
     config: dict = field(default_factory=dict)
-
-    def values(self, variant: str) -> list[float]:
-        return [self.val_loss[variant][str(s)] for s in self.seeds]
-
-    def mean(self, variant: str) -> float:
-        return statistics.fmean(self.values(variant))
-
-    def seed_range(self, variant: str) -> float:
-        v = self.values(variant)
-        return max(v) - min(v)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> "LMSweepResult":
-        return cls(**raw)
 
     def subset(self, *, variants: Sequence[str], seeds: Sequence[int]) -> "LMSweepResult":
         missing = [v for v in variants if v not in self.val_loss]
