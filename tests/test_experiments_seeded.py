@@ -30,3 +30,16 @@ def test_round_trip_and_missing_entries_are_named():
         toy.values("z")
     with pytest.raises(KeyError, match=r"'a' has no loss for seeds \[1\]"):
         toy.mean("a")
+
+
+def test_one_thread_sets_one_and_restores_even_on_error():
+    import torch
+
+    from lablib.experiments.seeded import one_thread
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="boom"):
+        with one_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before

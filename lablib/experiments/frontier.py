@@ -27,15 +27,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from lablib import adapters, data, ledger, models, moe, pools, recursive, sparse, train
 from lablib import cache as cache_mod
+from lablib.experiments.seeded import one_thread
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS_FILE = "frontier.json"
@@ -85,17 +85,6 @@ LIVE_POINTS = ("dense d32", "magnitude 50%")
 LIVE_TOLERANCE = 0.05
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run on one torch thread (restored afterwards): float sums then repeat bit for bit between the recording and
-    a live run whatever the machine's thread count, and two threads cannot spin against each other on a busy
-    2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------------------------

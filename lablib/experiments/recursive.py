@@ -21,17 +21,16 @@ import copy
 import json
 import os
 import statistics
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from lablib import cache as cache_mod
 from lablib import data, models, train
 from lablib.experiments.foundations import Verdict
-from lablib.experiments.seeded import SeededLosses
+from lablib.experiments.seeded import SeededLosses, one_thread
 from lablib.recursive import (
     MixtureOfDepthsTransformer,
     MixtureOfRecursionsTransformer,
@@ -119,15 +118,6 @@ def steps_for_budget(variant: str, *, base_steps: int, **model_overrides: Any) -
     return max(1, round(base_steps * reference / planned_flops_per_token(variant, **model_overrides)))
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Train on one thread: reproducible float sums (sweep vs live) and fair on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @dataclass

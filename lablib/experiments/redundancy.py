@@ -20,15 +20,15 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from lablib import cache as cache_mod
 from lablib import data, ledger, models, moe, redundancy, train
+from lablib.experiments.seeded import one_thread
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS_FILE = "redundancy.json"
@@ -46,17 +46,6 @@ MERGE_RANK = 16
 RECORDED_SEEDS = (0, 1, 2)
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run on one torch thread (restored afterwards): float sums then repeat bit for bit between the recording and
-    a live run whatever the machine's thread count, and two threads cannot spin against each other on a busy
-    2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""What the labs' seeded sweeps share: a result holding one validation loss per variant and seed.
+"""What the labs' seeded sweeps share: `one_thread` for repeatable runs, and a result holding one validation loss per
+variant and seed.
 
 `SeededLosses` is a mixin for a dataclass with `seeds: list[int]` and `val_loss: {variant: {str(seed): loss}}`
 (string keys, so the result round-trips through JSON unchanged): it adds the per-variant summaries the verdicts and
@@ -8,8 +9,25 @@ tables use, and the dict round trip the recorded sweeps are written and read wit
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any, Mapping
+
+import torch
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one torch thread (restored afterwards, even on error): float sums then repeat bit for bit between a
+    recorded sweep and a lab's live rerun whatever the machine's thread count, and two threads cannot spin against
+    each other on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class SeededLosses:
