@@ -31,6 +31,7 @@ from lablib import cache as cache_mod
 from lablib import data, sparse, train
 from lablib.experiments import frontier
 from lablib.experiments.foundations import Verdict
+from lablib.experiments.seeded import one_thread
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RECORD_FILE = "sparse_masks.json"
@@ -45,7 +46,7 @@ LEARNED_NM = dict(steps=100, lr=5e-3)  # lablib.sparse.learned_nm_mask's default
 CALIBRATION_BATCHES = 8
 GRAFT_FRACTIONS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 RECORDED_SEEDS = (0, 1, 2)
-THREADS = 1  # every run uses one torch thread: a run then repeats bit for bit on one machine, whatever its load
+THREADS = 1  # every run uses one torch thread (`one_thread`): a run then repeats bit for bit on one machine, whatever its load
 LIVE_PARTS = ("one_shot", "nm")  # what the lab re-runs (seed 0): one base model, no fine-tuning
 LIVE_TOLERANCE = 0.02  # nats; covers another CPU's last bits (same machine, same threads: identical)
 MOST = 0.5  # "recovers most of the fine-tune": at least half of the loss improvement
@@ -213,19 +214,6 @@ def run_seed(seed: int, *, checkpoint_cache: cache_mod.CheckpointCache | None = 
         with one_thread():
             out[part] = cache_mod.cached_json(config, compute, cache=checkpoint_cache)
     return out
-
-
-class one_thread:
-    """Run the block with `THREADS` torch threads (restored afterwards), so every number repeats bit for bit."""
-
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(THREADS)
-        return self
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
